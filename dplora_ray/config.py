@@ -1,0 +1,500 @@
+"""Typed, validated experiment configuration.
+
+One frozen dataclass per concern (model, lora, data, federation, privacy, runtime) plus
+``seed``. Every value is checked when the dataclass is constructed; a bad value raises
+:class:`~dplora_ray.errors.ConfigError` naming the dotted key and the value. Configs are
+loaded from YAML with ``key=value`` overrides (``--set`` on the command line), and the
+resolved config is written next to the results (:func:`config_to_dict`).
+
+Invariants:
+    * A constructed :class:`ExperimentConfig` is valid on its own (cross-field checks
+      included); checks that need the data (e.g. delta below 1/n) happen at run start,
+      before anything is written.
+    * ``config_from_dict(config_to_dict(c)) == c``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dplora_ray.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "LoraSection",
+    "ModelConfig",
+    "PrivacyConfig",
+    "RuntimeConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]
+
+PrivacyMode = Literal["none", "dpsgd", "paper", "client", "local"]
+EXAMPLE_LEVEL_MODES = ("dpsgd", "paper")
+CLIENT_LEVEL_MODES = ("client", "local")
+
+
+def _check(cond: bool, key: str, value: object, reason: str) -> None:
+    if not cond:
+        raise ConfigError(key, value, reason)
+
+
+def _positive_int(key: str, value: int) -> None:
+    _check(value >= 1, key, value, "must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The frozen base model.
+
+    Attributes:
+        name: a preset (``smollm2-135m``, ``tiny-llama``), a local directory holding a
+            Hugging Face checkpoint, or a Hugging Face hub id.
+        max_length: prompts are truncated (from the left) to this many tokens.
+        revision: hub revision when ``name`` is a hub id.
+    """
+
+    name: str = "tiny-llama"
+    max_length: int = 128
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "model.name", self.name, "must not be empty")
+        _check(self.max_length >= 8, "model.max_length", self.max_length, "must be >= 8")
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """LoRA adapter (via peft).
+
+    Attributes:
+        r: rank.
+        alpha: scaling numerator (scale = alpha / r).
+        dropout: dropout on the LoRA input.
+        target_modules: module names that get adapters (e.g. ``q_proj``, ``v_proj``).
+        train_a: False gives FFA-LoRA: A stays at its seeded random init, only B is
+            trained and sent.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    train_a: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("lora.r", self.r)
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _check(len(self.target_modules) > 0, "lora.target_modules", list(self.target_modules),
+               "must name at least one module")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Data set, task and evaluation split.
+
+    Attributes:
+        recipe: ``vader`` (the demo: VADER's human-rated sentiment corpora),
+            ``synthetic`` (generated sentiment-like data for tests), or ``custom``
+            (``path`` + column mapping).
+        path: local CSV/JSON/JSONL/Parquet file or folder, or a hub id (``custom``).
+        task: ``sentiment3`` (negative/neutral/positive), ``yesno``, ``yesnomaybe``.
+        text_column / label_column / group_column: column mapping for ``custom`` data
+            (``group_column`` feeds the ``natural`` partition).
+        label_map: raw label value -> label name of the task (``custom`` only).
+        test_size: examples in the global held-out test split (balanced over labels
+            when ``balanced_test``).
+        max_train_examples: cap on the training pool (None: all).
+        cache_dir: where downloads and the ``datasets`` cache go (None: the dplora_ray
+            cache folder).
+    """
+
+    recipe: Literal["vader", "synthetic", "custom"] = "synthetic"
+    path: str | None = None
+    task: Literal["sentiment3", "yesno", "yesnomaybe"] = "sentiment3"
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str | None = None
+    label_map: dict[str, str] | None = None
+    test_size: int = 300
+    balanced_test: bool = True
+    max_train_examples: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("data.test_size", self.test_size)
+        if self.max_train_examples is not None:
+            _positive_int("data.max_train_examples", self.max_train_examples)
+        if self.recipe == "custom":
+            _check(self.path is not None, "data.path", self.path,
+                   "is required when data.recipe is 'custom'")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Federated training schedule.
+
+    Attributes:
+        num_clients: clients in the population (virtual clients).
+        clients_per_round: cohort size (expected size under Poisson sampling).
+        rounds: server rounds.
+        local_steps: optimizer steps per client per round.
+        batch_size: local batch size (expected size under Poisson batch sampling).
+        learning_rate: local learning rate.
+        optimizer: local optimizer (state reset every round: clients are stateless).
+        partition: ``iid``, ``dirichlet`` (label skew, ``dirichlet_alpha``) or
+            ``natural`` (one client per value of ``data.group_column`` groups).
+        cohort_sampling: ``fixed`` (uniform without replacement) or ``poisson``.
+        server_learning_rate: server step on the aggregated update.
+        eval_every: evaluate the global adapter every this many rounds (the last round
+            is always evaluated).
+        transfer_dtype: dtype of the LoRA tensors sent (noise is added before the cast).
+    """
+
+    num_clients: int = 4
+    clients_per_round: int = 2
+    rounds: int = 3
+    local_steps: int = 2
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    partition: Literal["iid", "dirichlet", "natural"] = "iid"
+    dirichlet_alpha: float = 0.5
+    cohort_sampling: Literal["fixed", "poisson"] = "fixed"
+    server_learning_rate: float = 1.0
+    eval_every: int = 1
+    transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        for key in ("num_clients", "clients_per_round", "rounds", "local_steps",
+                    "batch_size", "eval_every"):
+            _positive_int(f"federation.{key}", getattr(self, key))
+        _check(self.clients_per_round <= self.num_clients, "federation.clients_per_round",
+               self.clients_per_round,
+               f"cohort larger than the population (federation.num_clients={self.num_clients})")
+        _check(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+               "federation.learning_rate", self.learning_rate, "must be > 0")
+        _check(self.dirichlet_alpha > 0, "federation.dirichlet_alpha", self.dirichlet_alpha,
+               "must be > 0")
+        _check(self.server_learning_rate > 0, "federation.server_learning_rate",
+               self.server_learning_rate, "must be > 0")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy (see docs/privacy.md for the unit each mode protects).
+
+    Attributes:
+        mode: ``none``, ``dpsgd`` / ``paper`` (example-level, per client), ``client``
+            (DP-FedAvg, client-level, server adds noise), ``local`` (client-level, each
+            client noises its own update).
+        target_epsilon: calibrate the noise multiplier so the planned run spends at
+            most this (exclusive with ``noise_multiplier``).
+        noise_multiplier: fixed noise multiplier (the paper's sigma in ``paper`` mode).
+        delta: the delta of (epsilon, delta)-DP.
+        clipping_norm: C.
+        accountant: ``rdp`` or ``prv`` (Opacus).
+        max_epsilon: budget guard; a step that would push epsilon past it is not taken
+            (default: ``target_epsilon``).
+        preflight: one private step on one batch before training, checking that every
+            trainable LoRA tensor gets a per-sample gradient and changes.
+
+    In mode ``none`` the noise and budget keys are ignored.
+    """
+
+    mode: PrivacyMode = "none"
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    clipping_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    max_epsilon: float | None = None
+    preflight: bool = True
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.delta < 1.0, "privacy.delta", self.delta, "must be in (0, 1)")
+        _check(math.isfinite(self.clipping_norm) and self.clipping_norm > 0,
+               "privacy.clipping_norm", self.clipping_norm, "must be > 0")
+        if self.target_epsilon is not None:
+            _check(math.isfinite(self.target_epsilon) and self.target_epsilon > 0,
+                   "privacy.target_epsilon", self.target_epsilon,
+                   "must be a finite number > 0 (use privacy.mode=none for no privacy)")
+        if self.noise_multiplier is not None:
+            _check(math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
+                   "privacy.noise_multiplier", self.noise_multiplier, "must be >= 0")
+        if self.max_epsilon is not None:
+            _check(self.max_epsilon > 0, "privacy.max_epsilon", self.max_epsilon,
+                   "must be > 0")
+        if self.mode == "none":
+            return
+        _check(not (self.target_epsilon is not None and self.noise_multiplier is not None),
+               "privacy.noise_multiplier", self.noise_multiplier,
+               "is exclusive with privacy.target_epsilon "
+               f"(={self.target_epsilon}); set only one")
+        _check(self.target_epsilon is not None or self.noise_multiplier is not None,
+               "privacy.target_epsilon", None,
+               f"privacy.mode={self.mode!r} needs privacy.target_epsilon or "
+               "privacy.noise_multiplier")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def budget(self) -> float | None:
+        """The epsilon the run may not exceed (None: no guard)."""
+        if not self.enabled:
+            return None
+        return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where the clients run.
+
+    Attributes:
+        backend: ``actors`` (Ray actors; the default and the only option on a cluster)
+            or ``inline`` (one process, no Ray: unit tests, small sweeps).
+        num_workers: client worker actors (each holds the base model once).
+        cpus_per_worker / gpus_per_worker: Ray resources per worker (fractional allowed).
+        address: Ray cluster address (None: an embedded local Ray).
+        torch_threads: intra-op threads per worker (None: max(1, floor(cpus_per_worker))).
+        bf16_autocast: run forward/backward under bfloat16 autocast (faster on CPUs with
+            bf16 support; LoRA tensors and updates stay float32).
+    """
+
+    backend: Literal["actors", "inline"] = "actors"
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    address: str | None = None
+    torch_threads: int | None = None
+    bf16_autocast: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_int("runtime.num_workers", self.num_workers)
+        _check(self.cpus_per_worker > 0, "runtime.cpus_per_worker", self.cpus_per_worker,
+               "must be > 0 (fractional allowed)")
+        _check(self.gpus_per_worker >= 0, "runtime.gpus_per_worker", self.gpus_per_worker,
+               "must be >= 0")
+        if self.torch_threads is not None:
+            _positive_int("runtime.torch_threads", self.torch_threads)
+
+    @property
+    def threads(self) -> int:
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, int(self.cpus_per_worker))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment. ``seed`` is the one recorded seed all randomness splits from."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
+        if self.federation.partition == "natural" and self.data.recipe == "custom":
+            _check(self.data.group_column is not None, "data.group_column", None,
+                   "is required by federation.partition='natural'")
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraSection,
+    "data": DataConfig,
+    "federation": FederationConfig,
+    "privacy": PrivacyConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key a config accepts."""
+    keys = ["seed"]
+    for name, cls in _SECTIONS.items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _unknown(key: str, value: object) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(key, value, f"unknown key{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` (YAML types), converting lists to
+    tuples and ints to floats where the annotation asks for them."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(key, value, f"must be one of {choices}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "must be a number")
+        value = float(value)
+        if math.isnan(value):
+            raise ConfigError(key, value, "must be a number, not NaN")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "must be a string")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, "must be a list")
+        return tuple(_coerce(key, v, args[0]) for v in value)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, value, "must be a mapping")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # programming error
+
+
+def _section_from_dict(name: str, cls: type, values: Any) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(name, values, "must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{name}.{k}"
+        if k not in names:
+            raise _unknown(key, v)
+        kwargs[k] = _coerce(key, v, hints[k])
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from plain data (YAML)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("<config>", raw, "must be a mapping of sections")
+    kwargs: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k == "seed":
+            kwargs["seed"] = _coerce("seed", v, int)
+        elif k in _SECTIONS:
+            kwargs[k] = _section_from_dict(k, _SECTIONS[k], v)
+        else:
+            raise _unknown(str(k), v)
+    return ExperimentConfig(**kwargs)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain-data form of a config (lists instead of tuples), YAML/JSON-safe."""
+    out: dict[str, Any] = {}
+    for name in _SECTIONS:
+        section = dataclasses.asdict(getattr(cfg, name))
+        out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+    out["seed"] = cfg.seed
+    return out
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError("--set", item, "must look like dotted.key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any]
+                    ) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``dotted.key=value`` overrides applied.
+
+    ``overrides`` is either a list of ``key=value`` strings (values parsed as YAML) or a
+    mapping of dotted keys to already-typed values (sweeps).
+    """
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v)
+                           for k, v in raw.items()}
+    items = (list(overrides.items()) if isinstance(overrides, Mapping)
+             else [_parse_override(o) for o in overrides])
+    valid = set(all_keys())
+    for key, value in items:
+        if key not in valid:
+            raise _unknown(key, value)
+        if key == "seed":
+            out["seed"] = value
+            continue
+        section, name = key.split(".", 1)
+        sub = out.get(section)
+        sub = dict(sub) if isinstance(sub, Mapping) else {}
+        sub[name] = value
+        out[section] = sub
+    return out
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] | Mapping[str, Any] = ()
+                ) -> ExperimentConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("config", str(path), "no such file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+            raise ConfigError("config", str(path), f"is not valid YAML ({first})") from None
+        if not isinstance(raw, Mapping):
+            raise ConfigError("config", str(path), "must be a YAML mapping of sections")
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
