@@ -93,11 +93,27 @@ SYNTHETIC_TRAIN_EXAMPLES = 2000
 _SYNTHETIC_ENTROPY = 0x5E1F_DA7A  # the synthetic corpus is the same for every seed
 _SYNTHETIC_GROUPS = ("g0", "g1", "g2", "g3")
 _SYNTHETIC_WORDS = (  # one vocabulary per label: negative, neutral, positive
-    ("terrible", "awful", "horrible", "dreadful", "disappointing", "useless", "miserable",
-     "broken"),
+    (
+        "terrible",
+        "awful",
+        "horrible",
+        "dreadful",
+        "disappointing",
+        "useless",
+        "miserable",
+        "broken",
+    ),
     ("ordinary", "average", "standard", "typical", "routine", "plain", "usual", "regular"),
-    ("excellent", "wonderful", "fantastic", "delightful", "superb", "amazing", "lovely",
-     "brilliant"),
+    (
+        "excellent",
+        "wonderful",
+        "fantastic",
+        "delightful",
+        "superb",
+        "amazing",
+        "lovely",
+        "brilliant",
+    ),
 )
 _SYNTHETIC_SUBJECTS = (  # one topic per group
     ("film", "movie", "plot", "actor"),
@@ -167,8 +183,9 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
     """
     task = get_task(cfg.task)
     if cfg.recipe not in RECIPES:
-        raise DataError("data.recipe", cfg.recipe,
-                        f"unknown recipe; choose one of {', '.join(sorted(RECIPES))}")
+        raise DataError(
+            "data.recipe", cfg.recipe, f"unknown recipe; choose one of {', '.join(sorted(RECIPES))}"
+        )
     pool = RECIPES[cfg.recipe](cfg, task)
     train_idx, test_idx = _split(pool["label"].to_numpy(), task, cfg, seed)
     return LoadedData(task=task, train=_take(pool, train_idx), test=_take(pool, test_idx))
@@ -182,36 +199,45 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(tag,)))
 
 
-def _split(labels: np.ndarray, task: Task, cfg: DataConfig, seed: int
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _split(
+    labels: np.ndarray, task: Task, cfg: DataConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     n = len(labels)
     rng = _rng(seed, "test_split")
     if cfg.balanced_test:
         per_label = cfg.test_size // task.num_labels
         if per_label == 0:
-            raise DataError("data.test_size", cfg.test_size,
-                            f"too small for a balanced test split over {task.num_labels} "
-                            "labels (set data.balanced_test=false or raise it)")
+            raise DataError(
+                "data.test_size",
+                cfg.test_size,
+                f"too small for a balanced test split over {task.num_labels} "
+                "labels (set data.balanced_test=false or raise it)",
+            )
         chosen = []
         for label, name in enumerate(task.label_names):
             idx = np.flatnonzero(labels == label)
             if len(idx) < per_label:
-                raise DataError("data.test_size", cfg.test_size,
-                                f"a balanced test split needs {per_label} examples of label "
-                                f"{name!r}, but the data has {len(idx)}")
+                raise DataError(
+                    "data.test_size",
+                    cfg.test_size,
+                    f"a balanced test split needs {per_label} examples of label "
+                    f"{name!r}, but the data has {len(idx)}",
+                )
             chosen.append(rng.choice(idx, per_label, replace=False))
         test = np.sort(np.concatenate(chosen))
     else:
         if cfg.test_size >= n:
-            raise DataError("data.test_size", cfg.test_size,
-                            f"leaves no training examples (the data has {n})")
+            raise DataError(
+                "data.test_size", cfg.test_size, f"leaves no training examples (the data has {n})"
+            )
         test = np.sort(rng.choice(n, cfg.test_size, replace=False))
     keep = np.ones(n, dtype=bool)
     keep[test] = False
     train = np.flatnonzero(keep)
     if len(train) == 0:
-        raise DataError("data.test_size", cfg.test_size,
-                        f"leaves no training examples (the data has {n})")
+        raise DataError(
+            "data.test_size", cfg.test_size, f"leaves no training examples (the data has {n})"
+        )
     cap = cfg.max_train_examples
     if cap is not None and len(train) > cap:
         train = np.sort(_rng(seed, "train_cap").choice(train, cap, replace=False))
@@ -220,19 +246,23 @@ def _split(labels: np.ndarray, task: Task, cfg: DataConfig, seed: int
 
 def _take(pool: pd.DataFrame, idx: np.ndarray) -> pd.DataFrame:
     rows = pool.iloc[idx]
-    return pd.DataFrame({
-        "text": rows["text"].astype(str).to_numpy(),
-        "label": rows["label"].to_numpy(dtype=np.int64),
-        "group": rows["group"].astype(str).to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "text": rows["text"].astype(str).to_numpy(),
+            "label": rows["label"].to_numpy(dtype=np.int64),
+            "group": rows["group"].astype(str).to_numpy(),
+        }
+    )
 
 
 def _frame(texts: Iterable[Any], labels: Iterable[int], groups: Iterable[Any]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "text": pd.Series(list(texts), dtype=object).astype(str),
-        "label": np.asarray(list(labels), dtype=np.int64),
-        "group": pd.Series(list(groups), dtype=object).astype(str),
-    })
+    return pd.DataFrame(
+        {
+            "text": pd.Series(list(texts), dtype=object).astype(str),
+            "label": np.asarray(list(labels), dtype=np.int64),
+            "group": pd.Series(list(groups), dtype=object).astype(str),
+        }
+    )
 
 
 def _one_line(exc: BaseException | str, limit: int = 200) -> str:
@@ -252,9 +282,11 @@ def _load_synthetic(cfg: DataConfig, task: Task) -> pd.DataFrame:
     vocabulary and a subject of its group's topic. Groups are label-skewed: group ``g``
     is three times as likely for label ``g % 3`` as for the others."""
     if task.name != "sentiment3":
-        raise DataError("data.task", cfg.task,
-                        "recipe 'synthetic' generates 3-class sentiment; use "
-                        "data.task=sentiment3")
+        raise DataError(
+            "data.task",
+            cfg.task,
+            "recipe 'synthetic' generates 3-class sentiment; use data.task=sentiment3",
+        )
     n = cfg.test_size + (cfg.max_train_examples or SYNTHETIC_TRAIN_EXAMPLES)
     rng = np.random.default_rng(np.random.SeedSequence(_SYNTHETIC_ENTROPY))
     labels = rng.permutation(np.arange(n) % 3)
@@ -269,8 +301,9 @@ def _load_synthetic(cfg: DataConfig, task: Task) -> pd.DataFrame:
         w, v = rng.choice(len(words), size=2, replace=False)
         subjects = _SYNTHETIC_SUBJECTS[g]
         template = _SYNTHETIC_TEMPLATES[int(rng.integers(len(_SYNTHETIC_TEMPLATES)))]
-        texts.append(template.format(s=subjects[int(rng.integers(len(subjects)))],
-                                     w=words[w], v=words[v]))
+        texts.append(
+            template.format(s=subjects[int(rng.integers(len(subjects)))], w=words[w], v=words[v])
+        )
         groups.append(_SYNTHETIC_GROUPS[g])
     return _frame(texts, labels, groups)
 
@@ -282,14 +315,18 @@ def vader_labels(ratings: np.ndarray) -> np.ndarray:
     """sentiment3 labels of VADER mean ratings: 0 (negative) for rating <= -1, 2
     (positive) for rating >= 1, 1 (neutral) in between."""
     ratings = np.asarray(ratings, dtype=np.float64)
-    return np.where(ratings <= VADER_NEGATIVE_MAX, 0,
-                    np.where(ratings >= VADER_POSITIVE_MIN, 2, 1)).astype(np.int64)
+    return np.where(
+        ratings <= VADER_NEGATIVE_MAX, 0, np.where(ratings >= VADER_POSITIVE_MIN, 2, 1)
+    ).astype(np.int64)
 
 
 def _load_vader(cfg: DataConfig, task: Task) -> pd.DataFrame:
     if task.name != "sentiment3":
-        raise DataError("data.task", cfg.task,
-                        "recipe 'vader' has 3-class sentiment labels; use data.task=sentiment3")
+        raise DataError(
+            "data.task",
+            cfg.task,
+            "recipe 'vader' has 3-class sentiment labels; use data.task=sentiment3",
+        )
     frame = _vader_from_path(cfg.path) if cfg.path is not None else _vader_cached(cfg)
     return _frame(frame["text"], vader_labels(frame["rating"].to_numpy()), frame["source"])
 
@@ -315,8 +352,11 @@ def _vader_cached(cfg: DataConfig) -> pd.DataFrame:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except OSError as exc:
-        raise DataError("data.cache_dir", str(cache_dir(cfg)),
-                        f"cannot write the VADER cache ({_one_line(exc)})") from exc
+        raise DataError(
+            "data.cache_dir",
+            str(cache_dir(cfg)),
+            f"cannot write the VADER cache ({_one_line(exc)})",
+        ) from exc
     return frame
 
 
@@ -324,23 +364,39 @@ def _download_vader() -> pd.DataFrame:
     spec = f"vaderSentiment=={VADER_VERSION}"
 
     def fail(reason: str) -> DataError:
-        return DataError("data.recipe", "vader",
-                         f"could not download {spec} from the package index ({reason}); "
-                         "set data.path to a local copy (the sdist, its hutto_ICWSM_2014 "
-                         "folder or a vader.parquet), or use data.recipe=custom with "
-                         "data.path=...")
+        return DataError(
+            "data.recipe",
+            "vader",
+            f"could not download {spec} from the package index ({reason}); "
+            "set data.path to a local copy (the sdist, its hutto_ICWSM_2014 "
+            "folder or a vader.parquet), or use data.recipe=custom with "
+            "data.path=...",
+        )
 
     with tempfile.TemporaryDirectory(prefix="dplora_ray_vader_") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               spec, "-d", tmp, "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            spec,
+            "-d",
+            tmp,
+            "--quiet",
+        ]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                                  check=False)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
         except (OSError, subprocess.SubprocessError) as exc:
             raise fail(_one_line(exc)) from exc
         if proc.returncode != 0:
-            lines = [ln for ln in (proc.stderr + proc.stdout).splitlines()
-                     if ln.strip() and not ln.startswith("WARNING")]
+            lines = [
+                ln
+                for ln in (proc.stderr + proc.stdout).splitlines()
+                if ln.strip() and not ln.startswith("WARNING")
+            ]
             raise fail(_one_line(lines[-1] if lines else f"pip exited with {proc.returncode}"))
         sdists = sorted(Path(tmp).glob("*.tar.gz"))
         if not sdists:
@@ -352,8 +408,9 @@ def _download_vader() -> pd.DataFrame:
     return _vader_from_sdist(io.BytesIO(data), ("data.recipe", "vader"))
 
 
-def _vader_from_sdist(fileobj: io.BufferedIOBase | io.BytesIO, where: tuple[str, Any]
-                      ) -> pd.DataFrame:
+def _vader_from_sdist(
+    fileobj: io.BufferedIOBase | io.BytesIO, where: tuple[str, Any]
+) -> pd.DataFrame:
     with tarfile.open(fileobj=fileobj, mode="r:*") as outer:
         try:
             member = outer.extractfile(_VADER_SDIST_MEMBER)
@@ -389,12 +446,14 @@ def _vader_table(read: Callable[[str], bytes], where: tuple[str, Any]) -> pd.Dat
         texts += t
         ratings += r
         sources += [source] * len(t)
-    return pd.DataFrame({"text": texts, "rating": np.asarray(ratings, dtype=np.float64),
-                         "source": sources})
+    return pd.DataFrame(
+        {"text": texts, "rating": np.asarray(ratings, dtype=np.float64), "source": sources}
+    )
 
 
-def _parse_ground_truth(raw: bytes, name: str, where: tuple[str, Any]
-                        ) -> tuple[list[str], list[float]]:
+def _parse_ground_truth(
+    raw: bytes, name: str, where: tuple[str, Any]
+) -> tuple[list[str], list[float]]:
     """Rows ``id<TAB>mean rating<TAB>text`` (CRLF line ends). Read with quoting off (as
     ``csv.QUOTE_NONE``: quote characters are part of the text) and split on the first
     two tabs only, so a tab inside the text stays in the text."""
@@ -410,8 +469,9 @@ def _parse_ground_truth(raw: bytes, name: str, where: tuple[str, Any]
                 raise ValueError
             rating = float(fields[1])
         except ValueError:
-            raise DataError(*where, f"{name} line {lineno} is not 'id<TAB>rating<TAB>text'"
-                            ) from None
+            raise DataError(
+                *where, f"{name} line {lineno} is not 'id<TAB>rating<TAB>text'"
+            ) from None
         texts.append(fields[2].strip())
         ratings.append(rating)
     return texts, ratings
@@ -429,19 +489,23 @@ def _vader_from_path(path: str) -> pd.DataFrame:
         for folder in (p, p / _VADER_FOLDER):
             if all((folder / f"{stem}_GroundTruth.txt").is_file() for stem in _VADER_SOURCES):
                 return _vader_table(
-                    lambda stem, folder=folder: (folder / f"{stem}_GroundTruth.txt"
-                                                 ).read_bytes(), where)
-        raise DataError(*where, "holds no VADER *_GroundTruth.txt files (expected the "
-                        "hutto_ICWSM_2014 folder)")
+                    lambda stem, folder=folder: (folder / f"{stem}_GroundTruth.txt").read_bytes(),
+                    where,
+                )
+        raise DataError(
+            *where, "holds no VADER *_GroundTruth.txt files (expected the hutto_ICWSM_2014 folder)"
+        )
     if p.suffix == ".parquet":
         try:
             frame = pd.read_parquet(p)
         except Exception as exc:  # noqa: BLE001 - any reader failure is a data error
-            raise DataError(*where, f"could not be read as Parquet ({_one_line(exc)})"
-                            ) from exc
+            raise DataError(*where, f"could not be read as Parquet ({_one_line(exc)})") from exc
         if not set(_VADER_COLUMNS) <= set(frame.columns):
-            raise DataError(*where, "is not a VADER table (needs columns text, rating, "
-                            f"source; has {', '.join(map(str, frame.columns))})")
+            raise DataError(
+                *where,
+                "is not a VADER table (needs columns text, rating, "
+                f"source; has {', '.join(map(str, frame.columns))})",
+            )
         return frame
     if p.name.endswith((".tar.gz", ".tgz")):
         try:
@@ -452,10 +516,12 @@ def _vader_from_path(path: str) -> pd.DataFrame:
             with p.open("rb") as f:
                 return _vader_from_sdist(io.BytesIO(f.read()), where)
         except tarfile.TarError as exc:
-            raise DataError(*where, f"is not a readable tar archive ({_one_line(exc)})"
-                            ) from exc
-    raise DataError(*where, "is not VADER data: expected vader.parquet, the "
-                    "hutto_ICWSM_2014 folder or .tar.gz, or the vaderSentiment sdist")
+            raise DataError(*where, f"is not a readable tar archive ({_one_line(exc)})") from exc
+    raise DataError(
+        *where,
+        "is not VADER data: expected vader.parquet, the "
+        "hutto_ICWSM_2014 folder or .tar.gz, or the vaderSentiment sdist",
+    )
 
 
 # --------------------------------------------------------------------------- custom
@@ -469,8 +535,11 @@ def _hub_offline() -> str | None:
 
 
 def _looks_like_hub_id(path: str) -> bool:
-    return (bool(_HUB_ID.match(path)) and Path(path).suffix.lower() not in _FORMATS
-            and not path.startswith((".", "~")))
+    return (
+        bool(_HUB_ID.match(path))
+        and Path(path).suffix.lower() not in _FORMATS
+        and not path.startswith((".", "~"))
+    )
 
 
 def _read_custom(cfg: DataConfig) -> pd.DataFrame:
@@ -481,22 +550,27 @@ def _read_custom(cfg: DataConfig) -> pd.DataFrame:
     if p.is_file():
         files = [p]
     elif p.is_dir():
-        files = sorted(f for f in p.iterdir()
-                       if f.is_file() and f.suffix.lower() in _FORMATS)
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _FORMATS)
         if not files:
-            raise DataError("data.path", path, "the folder holds no "
-                            f"{', '.join(_FORMATS)} file")
+            raise DataError("data.path", path, f"the folder holds no {', '.join(_FORMATS)} file")
     elif _looks_like_hub_id(path):
         var = _hub_offline()
         if var is not None:
-            raise DataError("data.path", path,
-                            f"not a local file and the hub is offline ({var}=1); point "
-                            "data.path at a local CSV/JSON/Parquet file")
+            raise DataError(
+                "data.path",
+                path,
+                f"not a local file and the hub is offline ({var}=1); point "
+                "data.path at a local CSV/JSON/Parquet file",
+            )
         try:
             loaded = datasets.load_dataset(path, cache_dir=str(cache_dir(cfg) / "datasets"))
         except Exception as exc:  # noqa: BLE001 - network, auth, format: all data errors
-            raise DataError("data.path", path, "could not be loaded from the Hugging Face "
-                            f"hub ({type(exc).__name__}: {_one_line(exc)})") from exc
+            raise DataError(
+                "data.path",
+                path,
+                "could not be loaded from the Hugging Face "
+                f"hub ({type(exc).__name__}: {_one_line(exc)})",
+            ) from exc
         return _to_pandas(loaded)
     else:
         raise DataError("data.path", path, "no such file or folder")
@@ -505,8 +579,9 @@ def _read_custom(cfg: DataConfig) -> pd.DataFrame:
     for f in files:
         suffix = f.suffix.lower()
         if suffix not in _FORMATS:
-            raise DataError("data.path", path, f"unsupported file type {suffix!r}; use "
-                            f"{', '.join(_FORMATS)}")
+            raise DataError(
+                "data.path", path, f"unsupported file type {suffix!r}; use {', '.join(_FORMATS)}"
+            )
         by_format.setdefault(suffix, []).append(f)
     if all(f.stat().st_size == 0 for f in files):
         raise DataError("data.path", path, "is empty (no rows)")
@@ -517,13 +592,24 @@ def _read_custom(cfg: DataConfig) -> pd.DataFrame:
         if not group:
             continue
         try:
-            loaded = datasets.load_dataset(builder, data_files=[str(f) for f in group],
-                                           cache_dir=str(cache_dir(cfg) / "datasets"),
-                                           **kwargs)
+            loaded = datasets.load_dataset(
+                builder,
+                data_files=[str(f) for f in group],
+                cache_dir=str(cache_dir(cfg) / "datasets"),
+                **kwargs,
+            )
         except Exception as exc:  # noqa: BLE001 - parser errors are data errors
-            raise DataError("data.path", path, f"could not be read as {suffix[1:].upper()} "
-                            f"({type(exc).__name__}: {_one_line(exc)})") from exc
+            if "corresponds to no data" in str(exc):  # datasets' words for "zero rows"
+                continue
+            raise DataError(
+                "data.path",
+                path,
+                f"could not be read as {suffix[1:].upper()} "
+                f"({type(exc).__name__}: {_one_line(exc)})",
+            ) from exc
         frames.append(_to_pandas(loaded))
+    if not frames:
+        raise DataError("data.path", path, "is empty (no rows)")
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
@@ -584,24 +670,33 @@ def _map_labels(series: pd.Series, cfg: DataConfig, task: Task) -> np.ndarray:
         lowered = {str(k).strip().lower(): v for k, v in cfg.label_map.items()}
         for raw, name in cfg.label_map.items():
             if str(name).strip().lower() not in names:
-                raise DataError("data.label_map", cfg.label_map,
-                                f"maps {raw!r} to {name!r}, which is not a label of task "
-                                f"{task.name!r} ({listed})")
+                raise DataError(
+                    "data.label_map",
+                    cfg.label_map,
+                    f"maps {raw!r} to {name!r}, which is not a label of task "
+                    f"{task.name!r} ({listed})",
+                )
         for value in uniques:
             key = _raw_key(value)
             name = cfg.label_map.get(key, lowered.get(key.lower()))
             if name is None:
-                raise DataError("data.label_map", cfg.label_map,
-                                f"has no entry for the value {key!r} of column {column!r}")
+                raise DataError(
+                    "data.label_map",
+                    cfg.label_map,
+                    f"has no entry for the value {key!r} of column {column!r}",
+                )
             mapping[value] = names[str(name).strip().lower()]
     else:
         for value in uniques:
             index = _direct_label(value, names)
             if index is None:
-                raise DataError("data.label_column", column,
-                                f"holds the value {_raw_key(value)!r}, which is neither a "
-                                f"label of task {task.name!r} ({listed}) nor an index "
-                                f"0..{task.num_labels - 1}; set data.label_map")
+                raise DataError(
+                    "data.label_column",
+                    column,
+                    f"holds the value {_raw_key(value)!r}, which is neither a "
+                    f"label of task {task.name!r} ({listed}) nor an index "
+                    f"0..{task.num_labels - 1}; set data.label_map",
+                )
             mapping[value] = index
     return np.asarray([mapping[v] for v in series.tolist()], dtype=np.int64)
 
@@ -611,8 +706,11 @@ def _load_custom(cfg: DataConfig, task: Task) -> pd.DataFrame:
     if len(raw) == 0:
         raise DataError("data.path", cfg.path, "is empty (no rows)")
     available = ", ".join(map(str, raw.columns))
-    columns = (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column),
-               ("data.group_column", cfg.group_column))
+    columns = (
+        ("data.text_column", cfg.text_column),
+        ("data.label_column", cfg.label_column),
+        ("data.group_column", cfg.group_column),
+    )
     for key, column in columns:
         if column is not None and column not in raw.columns:
             raise DataError(key, column, f"no such column; available columns: {available}")

@@ -42,13 +42,19 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_STREAM,)))
 
 
-def _iid(labels: np.ndarray, groups: np.ndarray | None, num_clients: int, alpha: float,
-         rng: np.random.Generator) -> _Parts:
+def _iid(
+    labels: np.ndarray,
+    groups: np.ndarray | None,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+) -> _Parts:
     return list(np.array_split(rng.permutation(len(labels)), num_clients))
 
 
-def _dirichlet_draw(labels: np.ndarray, num_clients: int, alpha: float,
-                    rng: np.random.Generator) -> list[list[np.ndarray]]:
+def _dirichlet_draw(
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[list[np.ndarray]]:
     pieces: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for label in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == label))
@@ -59,8 +65,13 @@ def _dirichlet_draw(labels: np.ndarray, num_clients: int, alpha: float,
     return pieces
 
 
-def _dirichlet(labels: np.ndarray, groups: np.ndarray | None, num_clients: int,
-               alpha: float, rng: np.random.Generator) -> _Parts:
+def _dirichlet(
+    labels: np.ndarray,
+    groups: np.ndarray | None,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+) -> _Parts:
     """Label skew: for every label, the shares of its examples that go to each client are
     drawn from Dirichlet(alpha * 1_K) (Yurochkin et al. 2019, "Bayesian nonparametric
     federated learning of neural networks"; the alpha-controlled non-IID benchmark of
@@ -81,25 +92,35 @@ def _dirichlet(labels: np.ndarray, groups: np.ndarray | None, num_clients: int,
             if len(parts[donor]) < 2:  # fewer examples than clients; reported by caller
                 break
             take = int(rng.integers(len(parts[donor])))
-            parts[client] = parts[donor][take:take + 1]
+            parts[client] = parts[donor][take : take + 1]
             parts[donor] = np.delete(parts[donor], take)
     return parts
 
 
-def _natural(labels: np.ndarray, groups: np.ndarray | None, num_clients: int, alpha: float,
-             rng: np.random.Generator) -> _Parts:
+def _natural(
+    labels: np.ndarray,
+    groups: np.ndarray | None,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+) -> _Parts:
     """One client per group (groups in sorted order). With more clients than groups,
     every group gets one client and the extra clients go, one at a time, to the group
     with the most examples per client so far (proportional, D'Hondt); a group's examples
     are then shuffled and split near-equally among its clients (IID within the group)."""
     if groups is None or not np.any(groups != ""):
-        raise DataError("data.group_column", None,
-                        "federation.partition='natural' needs groups, and the data has none")
+        raise DataError(
+            "data.group_column",
+            None,
+            "federation.partition='natural' needs groups, and the data has none",
+        )
     names, inverse = np.unique(groups, return_inverse=True)
     if num_clients < len(names):
-        raise DataError("federation.num_clients", num_clients,
-                        f"natural partition has {len(names)} groups; "
-                        f"need at least {len(names)} clients")
+        raise DataError(
+            "federation.num_clients",
+            num_clients,
+            f"natural partition has {len(names)} groups; need at least {len(names)} clients",
+        )
     sizes = np.bincount(inverse, minlength=len(names))
     seats = np.ones(len(names), dtype=np.int64)
     for _ in range(num_clients - len(names)):
@@ -111,8 +132,7 @@ def _natural(labels: np.ndarray, groups: np.ndarray | None, num_clients: int, al
     return parts
 
 
-Partitioner = Callable[[np.ndarray, "np.ndarray | None", int, float, np.random.Generator],
-                       _Parts]
+Partitioner = Callable[[np.ndarray, "np.ndarray | None", int, float, np.random.Generator], _Parts]
 
 PARTITIONERS: dict[str, Partitioner] = {
     "dirichlet": _dirichlet,
@@ -121,8 +141,15 @@ PARTITIONERS: dict[str, Partitioner] = {
 }
 
 
-def partition_indices(labels: np.ndarray, groups: np.ndarray | None, num_clients: int,
-                      method: str, *, alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+def partition_indices(
+    labels: np.ndarray,
+    groups: np.ndarray | None,
+    num_clients: int,
+    method: str,
+    *,
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> list[np.ndarray]:
     """Split examples ``0..n-1`` into ``num_clients`` client partitions.
 
     Args:
@@ -150,28 +177,33 @@ def partition_indices(labels: np.ndarray, groups: np.ndarray | None, num_clients
         if groups.shape != labels.shape:
             raise ValueError("groups must have one entry per label")
     if method not in PARTITIONERS:
-        raise DataError("federation.partition", method,
-                        f"unknown partition; choose one of {', '.join(sorted(PARTITIONERS))}")
+        raise DataError(
+            "federation.partition",
+            method,
+            f"unknown partition; choose one of {', '.join(sorted(PARTITIONERS))}",
+        )
     if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
         raise DataError("federation.num_clients", num_clients, "must be an integer >= 1")
     num_clients = int(num_clients)
     if not (math.isfinite(alpha) and alpha > 0):
         raise DataError("federation.dirichlet_alpha", alpha, "must be > 0")
     if num_clients > n:
-        raise DataError("federation.num_clients", num_clients,
-                        f"more clients than training examples ({n})")
+        raise DataError(
+            "federation.num_clients", num_clients, f"more clients than training examples ({n})"
+        )
     parts = PARTITIONERS[method](labels, groups, num_clients, float(alpha), _rng(seed))
     out = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     for i, part in enumerate(out):
         if len(part) == 0:
-            raise DataError("federation.num_clients", num_clients,
-                            f"client {i} has no examples (only {n} examples for "
-                            f"{num_clients} clients)")
+            raise DataError(
+                "federation.num_clients",
+                num_clients,
+                f"client {i} has no examples (only {n} examples for {num_clients} clients)",
+            )
     return out
 
 
-def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_labels: int
-                    ) -> np.ndarray:
+def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_labels: int) -> np.ndarray:
     """Label counts per client: an ``int64`` array of shape (clients, num_labels)."""
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= num_labels):
