@@ -347,6 +347,7 @@ def _vader_cached(cfg: DataConfig) -> pd.DataFrame:
         os.close(fd)
         try:
             frame.to_parquet(tmp, index=False)
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache is readable like a download
             os.replace(tmp, target)  # atomic: concurrent loaders never see half a file
         finally:
             if os.path.exists(tmp):
