@@ -24,10 +24,87 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dplora-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="run one federated experiment")
+    p.add_argument("config", help="YAML config file")
+    _add_run_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="DP-LoRA on SmolLM2-135M with VADER sentiment "
+                                    "(configs/demo.yaml)")
+    p.add_argument("--config", default=None, help="config (default: the packaged demo)")
+    _add_run_args(p, default_out="runs/demo")
+    p.set_defaults(func=_cmd_demo)
+
     from dplora_ray.privacy.cli import add_parser as add_privacy
 
     add_privacy(sub)
     return parser
+
+
+def _add_run_args(p: argparse.ArgumentParser, default_out: str | None = None) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config key (repeatable), "
+                   "e.g. --set privacy.target_epsilon=2")
+    p.add_argument("--out", default=default_out,
+                   help="output folder (default: runs/<config name>-<time>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _default_out(config_path: str) -> str:
+    import time
+    from pathlib import Path
+
+    return str(Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _run(config_path: str, args: argparse.Namespace) -> int:
+    import json
+
+    from dplora_ray.config import load_config
+    from dplora_ray.federated.runner import run_experiment
+
+    cfg = load_config(config_path, args.overrides)
+    out = args.out or _default_out(config_path)
+    summary = run_experiment(cfg, out, overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    eps = summary["epsilon"]
+    eps_text = (f"epsilon {eps:.3f} at delta {summary['delta']:g} "
+                f"({summary['privacy_mode']}, protects one {summary['privacy_unit']})"
+                if eps is not None else "no differential privacy (privacy.mode=none)")
+    acc_after = summary["eval_accuracy"]
+    print(f"accuracy before training: {summary['eval_accuracy_before']:.4f}")
+    print(f"accuracy after round {summary['rounds_completed']}: "
+          + (f"{acc_after:.4f}" if acc_after is not None else "n/a"))
+    print(f"privacy: {eps_text}")
+    print(f"stop reason: {summary['stop_reason']}; bytes up {summary['bytes_up_total']:,}, "
+          f"down {summary['bytes_down_total']:,}; {summary['wall_seconds']:.1f} s")
+    print(f"results: {summary['output_dir']}")
+    if os.environ.get("DPLORA_RAY_PRINT_SUMMARY"):
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    return _run(args.config, args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    config = args.config
+    if config is None:
+        here = Path(__file__).resolve().parent
+        for cand in (here / "configs" / "demo.yaml", here.parent / "configs" / "demo.yaml"):
+            if cand.is_file():
+                config = str(cand)
+                break
+        else:
+            from dplora_ray.errors import ConfigError
+
+            raise ConfigError("--config", None, "configs/demo.yaml not found; pass --config")
+    return _run(config, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

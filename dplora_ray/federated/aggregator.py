@@ -1,0 +1,139 @@
+"""The aggregator: owns the global (trainable) LoRA state and turns client updates into
+the next global state.
+
+Strategies (registry :data:`STRATEGIES`, chosen by ``privacy.mode``):
+
+* ``fedavg`` (mode ``none``): example-weighted mean of the updates (McMahan et al.
+  2017, Alg. 1).
+* ``mean`` (``dpsgd``, ``paper``, ``local``): unweighted mean (the paper's weights 1/K);
+  updates are already private when they arrive.
+* ``dp_fedavg`` (``client``): DP-FedAvg with fixed clipping (McMahan et al. 2018,
+  Alg. 1 with the fixed-size estimator): each update is (re)clipped to C, the clipped
+  updates are summed *unweighted* (example counts would change the sensitivity),
+  N(0, sigma^2 C^2) is added to the sum, and the sum is divided by the *expected* cohort
+  size q*N (not the realised one, which would be data dependent).
+
+The new global state is ``state + server_learning_rate * aggregate``. Updates arrive and
+are summed in client-id order, so the result does not depend on which worker finished
+first. Noise comes from a generator seeded by (run seed, server round): never global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["STRATEGIES", "Aggregator", "dp_fedavg", "fedavg", "unweighted_mean"]
+
+State = dict[str, torch.Tensor]
+
+
+def fedavg(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
+    """Weighted mean ``sum_i w_i u_i / sum_i w_i`` (float32)."""
+    if not updates:
+        raise ValueError("fedavg needs at least one update")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"fedavg weights must sum to > 0, got {total}")
+    keys = sorted(updates[0])
+    return {k: sum(float(w) * u[k].float() for u, w in zip(updates, weights)) / total
+            for k in keys}
+
+
+def unweighted_mean(updates: Sequence[Mapping[str, torch.Tensor]]) -> State:
+    return fedavg(updates, [1.0] * len(updates))
+
+
+def _clip(update: Mapping[str, torch.Tensor], clipping_norm: float) -> State:
+    norm = float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(t.float()) for t in update.values()])))
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    return {k: v.float() * scale for k, v in update.items()}
+
+
+def dp_fedavg(updates: Sequence[Mapping[str, torch.Tensor]],
+              template: Mapping[str, torch.Tensor], clipping_norm: float,
+              noise_multiplier: float, expected_cohort: float,
+              generator: torch.Generator) -> State:
+    """(sum_i clip(u_i, C) + N(0, sigma^2 C^2)) / expected_cohort.
+
+    ``template`` gives the keys and shapes (a round whose Poisson cohort came out empty
+    still releases noise, so the shapes cannot come from the updates).
+    """
+    if expected_cohort <= 0:
+        raise ValueError(f"expected_cohort must be > 0, got {expected_cohort}")
+    clipped = [_clip(u, clipping_norm) for u in updates]
+    std = noise_multiplier * clipping_norm
+    out = {}
+    for k in sorted(template):
+        total = torch.zeros(template[k].shape, dtype=torch.float32)
+        for c in clipped:
+            total += c[k]
+        if std > 0:
+            total += torch.normal(0.0, std, size=tuple(template[k].shape), generator=generator)
+        out[k] = total / expected_cohort
+    return out
+
+
+STRATEGIES = {"fedavg": fedavg, "mean": unweighted_mean, "dp_fedavg": dp_fedavg}
+
+
+def strategy_for_mode(mode: str) -> str:
+    return {"none": "fedavg", "client": "dp_fedavg"}.get(mode, "mean")
+
+
+class Aggregator:
+    """Holds the global trainable LoRA state; runs inline or as a Ray actor.
+
+    Args:
+        initial: the trainable LoRA tensors at their seeded init.
+        mode: ``privacy.mode``.
+        server_learning_rate: step size on the aggregate.
+        clipping_norm: C (``client`` mode).
+        seed: the run seed (noise generator per round).
+    """
+
+    def __init__(self, initial: Mapping[str, torch.Tensor], mode: str,
+                 server_learning_rate: float, clipping_norm: float, seed: int) -> None:
+        self.state: State = {k: v.float().clone() for k, v in sorted(initial.items())}
+        self.mode = mode
+        self.strategy = strategy_for_mode(mode)
+        self.server_lr = server_learning_rate
+        self.clipping_norm = clipping_norm
+        self.seed = seed
+
+    def get_state(self) -> State:
+        return self.state
+
+    def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.state = {k: v.float().clone() for k, v in sorted(state.items())}
+
+    def _noise_generator(self, server_round: int) -> torch.Generator:
+        ss = np.random.SeedSequence(self.seed, spawn_key=(7, server_round))
+        return torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
+
+    def aggregate(self, server_round: int, noise_multiplier: float, expected_cohort: float,
+                  *worker_results: Sequence[Any]) -> dict[str, Any]:
+        """Aggregate the accepted updates of one round and step the global state.
+
+        ``worker_results`` are lists of ``ClientResult`` (one list per worker; Ray
+        resolves them when passed as top-level ObjectRefs).
+        """
+        results = sorted((r for rs in worker_results for r in rs), key=lambda r: r.client_id)
+        accepted = [r for r in results if r.update is not None]
+        if self.strategy == "dp_fedavg":
+            agg = dp_fedavg([r.update for r in accepted], self.state, self.clipping_norm,
+                            noise_multiplier, expected_cohort,
+                            self._noise_generator(server_round))
+        elif not accepted:
+            agg = None
+        elif self.strategy == "fedavg":
+            agg = fedavg([r.update for r in accepted], [r.num_examples for r in accepted])
+        else:
+            agg = unweighted_mean([r.update for r in accepted])
+        if agg is not None:
+            self.state = {k: v + self.server_lr * agg[k] for k, v in self.state.items()}
+        return {"state": self.state, "results": results, "num_accepted": len(accepted)}

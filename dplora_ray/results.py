@@ -1,0 +1,147 @@
+"""Result files and their fixed column schema.
+
+A run folder holds ``config.yaml`` (resolved), ``rounds.parquet`` (one row per server
+round), ``clients.parquet`` (one row per client-round), ``summary.json``, ``ledger.json``
+(privacy) and ``adapter/`` (PEFT format). Column names are defined here once; analysis
+code builds on them and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "CLIENT_COLUMNS",
+    "ROUND_COLUMNS",
+    "SUMMARY_KEYS",
+    "load_run",
+    "write_clients",
+    "write_json_atomic",
+    "write_rounds",
+]
+
+# rounds.parquet
+SERVER_ROUND = "server_round"
+TRAIN_LOSS = "train_loss"
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_accuracy"
+EVAL_F1_MACRO = "eval_f1_macro"
+NUM_CLIENTS_SAMPLED = "num_clients_sampled"
+NUM_CLIENTS_COMPLETED = "num_clients_completed"
+BYTES_UP = "bytes_up"
+BYTES_DOWN = "bytes_down"
+ROUND_SECONDS = "round_seconds"
+EPSILON = "epsilon"
+EPSILON_MEAN = "epsilon_mean"
+NOISE_MULTIPLIER = "noise_multiplier"
+
+# clients.parquet
+CLIENT_ID = "client_id"
+NUM_EXAMPLES = "num_examples"
+UPDATE_NORM = "update_norm"
+SECONDS = "seconds"
+STEPS = "steps"
+SAMPLING_RATE = "sampling_rate"
+STATUS = "status"
+WORKER = "worker"
+
+ROUND_SCHEMA = pa.schema([
+    (SERVER_ROUND, pa.int64()),
+    (TRAIN_LOSS, pa.float64()),
+    (EVAL_LOSS, pa.float64()),
+    (EVAL_ACCURACY, pa.float64()),
+    (EVAL_F1_MACRO, pa.float64()),
+    (NUM_CLIENTS_SAMPLED, pa.int64()),
+    (NUM_CLIENTS_COMPLETED, pa.int64()),
+    (BYTES_UP, pa.int64()),
+    (BYTES_DOWN, pa.int64()),
+    (ROUND_SECONDS, pa.float64()),
+    (EPSILON, pa.float64()),
+    (EPSILON_MEAN, pa.float64()),
+    (NOISE_MULTIPLIER, pa.float64()),
+])
+CLIENT_SCHEMA = pa.schema([
+    (SERVER_ROUND, pa.int64()),
+    (CLIENT_ID, pa.int64()),
+    (WORKER, pa.int64()),
+    (STATUS, pa.string()),
+    (NUM_EXAMPLES, pa.int64()),
+    (TRAIN_LOSS, pa.float64()),
+    (UPDATE_NORM, pa.float64()),
+    (BYTES_UP, pa.int64()),
+    (BYTES_DOWN, pa.int64()),
+    (SECONDS, pa.float64()),
+    (STEPS, pa.int64()),
+    (SAMPLING_RATE, pa.float64()),
+    (EPSILON, pa.float64()),
+])
+ROUND_COLUMNS: tuple[str, ...] = tuple(ROUND_SCHEMA.names)
+CLIENT_COLUMNS: tuple[str, ...] = tuple(CLIENT_SCHEMA.names)
+TIMING_COLUMNS: tuple[str, ...] = (ROUND_SECONDS, SECONDS)
+
+SUMMARY_KEYS: tuple[str, ...] = (
+    "eval_accuracy_before", "eval_f1_macro_before", "eval_accuracy", "eval_f1_macro",
+    "epsilon", "delta", "noise_multiplier", "privacy_mode", "privacy_unit",
+    "rounds_completed", "rounds_planned", "stop_reason", "bytes_up_total",
+    "bytes_down_total", "wall_seconds", "trainable_parameters", "model",
+)
+
+
+def _table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    cols = {name: [row.get(name) for row in rows] for name in schema.names}
+    for name in schema.names:  # NaN stands for "not measured" in float columns
+        if pa.types.is_floating(schema.field(name).type):
+            cols[name] = [None if v is None or (isinstance(v, float) and math.isnan(v))
+                          else float(v) for v in cols[name]]
+    return pa.table(cols, schema=schema)
+
+
+def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def write_rounds(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    _write_parquet_atomic(_table(rows, ROUND_SCHEMA), Path(path))
+
+
+def write_clients(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    _write_parquet_atomic(_table(rows, CLIENT_SCHEMA), Path(path))
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _json_safe(obj.item())
+    return obj
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
+    tmp.replace(p)
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """Load one run folder: ``{"rounds": DataFrame, "clients": DataFrame, "summary": dict}``."""
+    d = Path(run_dir)
+    return {
+        "rounds": pd.read_parquet(d / "rounds.parquet"),
+        "clients": pd.read_parquet(d / "clients.parquet"),
+        "summary": json.loads((d / "summary.json").read_text()),
+    }
