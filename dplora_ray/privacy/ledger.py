@@ -1,0 +1,347 @@
+"""The privacy ledger: a typed, append-only record of every private release.
+
+Each :class:`LedgerEntry` says that in ``server_round`` the protected ``unit`` (a client,
+for example-level modes, or ``"all-clients"`` for client-level DP-FedAvg) went through
+``steps`` Poisson-subsampled Gaussian mechanisms with ``sampling_rate`` and the
+*effective* ``noise_multiplier``. What happened is kept apart from how it is counted
+(like ``dp_accounting``'s DpEvents): :class:`PrivacyLedger` only stores entries, and
+every epsilon is computed from them on demand with
+:func:`~dplora_ray.privacy.accountant.compute_epsilon`.
+
+Invariants:
+    * Entries are only ever appended; :attr:`PrivacyLedger.entries` is a tuple.
+    * Epsilon is never stored as state: it is recomputed from the entries at each call,
+      and :meth:`PrivacyLedger.load` ignores the epsilons written into the JSON file
+      (they are there for people reading it).
+    * Entries with equal (unit, noise_multiplier, sampling_rate) are merged before
+      accounting by adding their steps; this is exact (RDP composes additively; the PRV
+      accountant self-composes each distinct mechanism).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dplora_ray.errors import PrivacyError
+from dplora_ray.privacy.accountant import ACCOUNTANTS, SampledGaussian, compute_epsilon
+from dplora_ray.privacy.calibration import DP_MODES
+
+__all__ = [
+    "ALL_CLIENTS",
+    "LEDGER_FORMAT",
+    "LedgerEntry",
+    "PrivacyLedger",
+    "protects_sentence",
+    "unit_of_privacy_for",
+]
+
+#: The ledger unit of client-level DP-FedAvg: one mechanism covers every client.
+ALL_CLIENTS = "all-clients"
+#: Identifies ledger JSON files.
+LEDGER_FORMAT = "dplora_ray.privacy_ledger/v1"
+
+_UNITS_OF_PRIVACY = {"dpsgd": "example", "paper": "example", "client": "client",
+                     "local": "client"}
+
+_PROTECTS = {
+    "dpsgd": ("any one training example of a client, against anyone who sees the LoRA "
+              "updates the client uploads (per-example clipping and Gaussian noise, "
+              "DP-SGD)"),
+    "paper": ("any one training example of a client, against anyone who sees the LoRA "
+              "updates the client uploads (batch-level clipping and Gaussian noise on A "
+              "and B as in DP-LoRA; effective noise multiplier sigma / (2 sqrt 2), "
+              "or sigma / 2 with FFA-LoRA)"),
+    "client": ("the participation and entire data of any one client, against anyone who "
+               "sees the global adapter (DP-FedAvg; the server is trusted to add the "
+               "noise)"),
+    "local": ("the entire data of any one client, against everyone including the server "
+              "(each client noises its clipped update before upload)"),
+}
+
+
+def unit_of_privacy_for(mode: str) -> str:
+    """``"example"`` for ``dpsgd``/``paper``, ``"client"`` for ``client``/``local``."""
+    if mode not in _UNITS_OF_PRIVACY:
+        raise PrivacyError(
+            f"mode must be one of {', '.join(repr(m) for m in DP_MODES)}. Found {mode!r}.")
+    return _UNITS_OF_PRIVACY[mode]
+
+
+def protects_sentence(mode: str) -> str:
+    """One human sentence stating what a mode's epsilon protects."""
+    unit_of_privacy_for(mode)  # validates
+    return f"(epsilon, delta)-DP for {_PROTECTS[mode]}."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool) and not math.isnan(float(value)))
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One private release, as the accountant must see it.
+
+    Attributes:
+        unit: who is protected: a client id such as ``"client-3"`` (example-level modes,
+            ``local``) or :data:`ALL_CLIENTS` (``client``, DP-FedAvg).
+        server_round: the round of the release, >= 0.
+        noise_multiplier: the EFFECTIVE noise multiplier (noise std / L2 sensitivity),
+            i.e. already multiplied by :func:`~dplora_ray.privacy.effective_noise_scale`.
+        sampling_rate: Poisson inclusion probability of one protected record per step.
+        steps: number of subsampled Gaussian steps in this release.
+        note: free text (e.g. ``"local steps"``, ``"dp-fedavg round"``).
+
+    Raises:
+        PrivacyError: a value is out of range; the message names the field and value.
+    """
+
+    unit: str
+    server_round: int
+    noise_multiplier: float
+    sampling_rate: float
+    steps: int
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.unit, str) or not self.unit.strip():
+            raise PrivacyError(f"unit must be a non-empty string. Found {self.unit!r}.")
+        if not _is_int(self.server_round) or self.server_round < 0:
+            raise PrivacyError(
+                f"server_round must be an integer >= 0. Found {self.server_round!r}.")
+        if not isinstance(self.note, str):
+            raise PrivacyError(f"note must be a string. Found {self.note!r}.")
+        event = self.event  # validates noise_multiplier, sampling_rate, steps
+        object.__setattr__(self, "server_round", int(self.server_round))
+        object.__setattr__(self, "noise_multiplier", event.noise_multiplier)
+        object.__setattr__(self, "sampling_rate", event.sampling_rate)
+        object.__setattr__(self, "steps", event.steps)
+
+    @property
+    def event(self) -> SampledGaussian:
+        """The mechanism this entry records."""
+        return SampledGaussian(self.noise_multiplier, self.sampling_rate, self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> LedgerEntry:
+        if not isinstance(raw, Mapping):
+            raise PrivacyError(f"a ledger entry must be a mapping. Found {raw!r}.")
+        known = {"unit", "server_round", "noise_multiplier", "sampling_rate", "steps",
+                 "note"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise PrivacyError(f"ledger entry has unknown field {unknown[0]!r}. Found {raw!r}.")
+        missing = sorted(known - {"note"} - set(raw))
+        if missing:
+            raise PrivacyError(f"ledger entry lacks field {missing[0]!r}. Found {raw!r}.")
+        return cls(**raw)
+
+
+def _json_epsilon(eps: float) -> float | str:
+    return eps if math.isfinite(eps) else "inf"
+
+
+class PrivacyLedger:
+    """Append-only ledger of :class:`LedgerEntry` records with epsilon on demand.
+
+    Args:
+        mode: ``dpsgd``, ``paper``, ``client`` or ``local``.
+        accountant: ``rdp`` or ``prv``.
+        delta: target delta, in (0, 1).
+        unit_of_privacy: ``example`` (``dpsgd``, ``paper``) or ``client`` (``client``,
+            ``local``); must match the mode.
+
+    Raises:
+        PrivacyError: a bad or inconsistent argument.
+    """
+
+    def __init__(self, mode: str, accountant: str, delta: float,
+                 unit_of_privacy: str) -> None:
+        expected = unit_of_privacy_for(mode)
+        if accountant not in ACCOUNTANTS:
+            raise PrivacyError(
+                f"accountant must be one of 'rdp', 'prv'. Found {accountant!r}.")
+        if not _is_number(delta) or not 0 < delta < 1:
+            raise PrivacyError(f"delta must be in (0, 1). Found {delta!r}.")
+        if unit_of_privacy != expected:
+            raise PrivacyError(
+                f"unit_of_privacy must be {expected!r} for mode {mode!r}. "
+                f"Found {unit_of_privacy!r}.")
+        self._mode = mode
+        self._accountant = accountant
+        self._delta = float(delta)
+        self._unit_of_privacy = unit_of_privacy
+        self._entries: list[LedgerEntry] = []
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def accountant(self) -> str:
+        return self._accountant
+
+    @property
+    def delta(self) -> float:
+        return self._delta
+
+    @property
+    def unit_of_privacy(self) -> str:
+        return self._unit_of_privacy
+
+    @property
+    def protects(self) -> str:
+        """What this ledger's epsilon protects, in one sentence."""
+        return protects_sentence(self._mode)
+
+    @property
+    def entries(self) -> tuple[LedgerEntry, ...]:
+        """All entries in the order they were appended (a read-only copy)."""
+        return tuple(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return (f"PrivacyLedger(mode={self._mode!r}, accountant={self._accountant!r}, "
+                f"delta={self._delta!r}, unit_of_privacy={self._unit_of_privacy!r}, "
+                f"entries={len(self._entries)})")
+
+    # ---------------------------------------------------------------- recording
+    def append(self, entry: LedgerEntry) -> None:
+        """Record one release. Entries can never be changed or removed."""
+        if not isinstance(entry, LedgerEntry):
+            raise PrivacyError(f"only LedgerEntry records can be appended. Found {entry!r}.")
+        self._entries.append(entry)
+
+    def units(self) -> list[str]:
+        """The protected units that have entries, sorted."""
+        return sorted({e.unit for e in self._entries})
+
+    # ---------------------------------------------------------------- accounting
+    @staticmethod
+    def _events_by_unit(entries: Sequence[LedgerEntry]
+                        ) -> dict[str, list[SampledGaussian]]:
+        steps: dict[str, dict[tuple[float, float], int]] = {}
+        for e in entries:
+            per_unit = steps.setdefault(e.unit, {})
+            key = (e.noise_multiplier, e.sampling_rate)
+            per_unit[key] = per_unit.get(key, 0) + e.steps
+        return {unit: [SampledGaussian(z, q, t) for (z, q), t in sorted(per.items())]
+                for unit, per in steps.items()}
+
+    def _epsilon_of(self, events: Sequence[SampledGaussian]) -> float:
+        return compute_epsilon(events, self._delta, self._accountant)  # type: ignore[arg-type]
+
+    def epsilon(self, unit: str | None = None) -> float:
+        """Epsilon spent so far by ``unit``, or the worst unit when ``unit`` is None.
+
+        Computed afresh from the entries; 0.0 when nothing is recorded (for that unit).
+        """
+        by_unit = self._events_by_unit(self._entries)
+        if unit is not None:
+            return self._epsilon_of(by_unit.get(unit, []))
+        return max((self._epsilon_of(ev) for ev in by_unit.values()), default=0.0)
+
+    def epsilons(self) -> dict[str, float]:
+        """Epsilon per unit, keys sorted."""
+        by_unit = self._events_by_unit(self._entries)
+        return {unit: self._epsilon_of(by_unit[unit]) for unit in sorted(by_unit)}
+
+    def epsilon_if(self, extra: Sequence[LedgerEntry]) -> float:
+        """The worst epsilon among the units in ``extra`` if ``extra`` were appended.
+
+        For the budget guard: the ledger is not changed. 0.0 when ``extra`` is empty.
+        """
+        extra = list(extra)
+        for entry in extra:
+            if not isinstance(entry, LedgerEntry):
+                raise PrivacyError(f"extra must hold LedgerEntry records. Found {entry!r}.")
+        affected = {e.unit for e in extra}
+        relevant = [e for e in self._entries if e.unit in affected] + extra
+        by_unit = self._events_by_unit(relevant)
+        return max((self._epsilon_of(by_unit[u]) for u in sorted(affected)), default=0.0)
+
+    # ---------------------------------------------------------------- persistence
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form; ``epsilon_at_save`` is informational only."""
+        eps = self.epsilons()
+        worst = max(eps.values(), default=0.0)
+        return {
+            "format": LEDGER_FORMAT,
+            "mode": self._mode,
+            "accountant": self._accountant,
+            "delta": self._delta,
+            "unit_of_privacy": self._unit_of_privacy,
+            "protects": self.protects,
+            "epsilon_at_save": {
+                "note": "for reading only; recomputed from the entries on load",
+                "max": _json_epsilon(worst),
+                "per_unit": {u: _json_epsilon(v) for u, v in eps.items()},
+            },
+            "entries": [e.to_dict() for e in self._entries],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> PrivacyLedger:
+        """Rebuild a ledger from :meth:`to_dict` output (stored epsilons are ignored)."""
+        if not isinstance(raw, Mapping):
+            raise PrivacyError(f"a privacy ledger must be a mapping. Found {type(raw).__name__}.")
+        fmt = raw.get("format")
+        if fmt != LEDGER_FORMAT:
+            raise PrivacyError(f"ledger format must be {LEDGER_FORMAT!r}. Found {fmt!r}.")
+        for key in ("mode", "accountant", "delta", "unit_of_privacy", "entries"):
+            if key not in raw:
+                raise PrivacyError(f"privacy ledger lacks the key {key!r}.")
+        entries = raw["entries"]
+        if not isinstance(entries, list):
+            raise PrivacyError(f"ledger entries must be a list. Found {entries!r}.")
+        ledger = cls(raw["mode"], raw["accountant"], raw["delta"], raw["unit_of_privacy"])
+        for item in entries:
+            ledger.append(LedgerEntry.from_dict(item))
+        return ledger
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the ledger as JSON, atomically (a temporary file, then a rename)."""
+        target = Path(path)
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                   dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
+        """Read a ledger written by :meth:`save`; epsilons are recomputed, not trusted."""
+        p = Path(path)
+        try:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PrivacyError(f"privacy ledger {str(p)!r} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PrivacyError(
+                f"privacy ledger {str(p)!r} cannot be read ({first})") from None
+        return cls.from_dict(raw)
