@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -346,6 +347,10 @@ def _unknown(key: str, value: object) -> ConfigError:
     return ConfigError(key, value, f"unknown key{hint}")
 
 
+# PyYAML (YAML 1.1) reads "1e-5" (no dot) as a string; accept it where a number is due
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` (YAML types), converting lists to
     tuples and ints to floats where the annotation asks for them."""
@@ -376,6 +381,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(key, value, "must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, value, "must be a number")
         value = float(value)
