@@ -161,7 +161,10 @@ class FederationConfig:
         optimizer: local optimizer (state reset every round: clients are stateless).
         partition: ``iid``, ``dirichlet`` (label skew, ``dirichlet_alpha``) or
             ``natural`` (one client per value of ``data.group_column`` groups).
-        cohort_sampling: ``fixed`` (uniform without replacement) or ``poisson``.
+        cohort_sampling: ``fixed`` (``clients_per_round`` uniformly without replacement),
+            ``poisson`` (each client independently with q = clients_per_round /
+            num_clients), or ``auto`` (``poisson`` in privacy mode ``client``, whose
+            accounting assumes it, ``fixed`` otherwise).
         server_learning_rate: server step on the aggregated update.
         eval_every: evaluate the global adapter every this many rounds (the last round
             is always evaluated).
@@ -177,7 +180,7 @@ class FederationConfig:
     optimizer: Literal["sgd", "adamw"] = "adamw"
     partition: Literal["iid", "dirichlet", "natural"] = "iid"
     dirichlet_alpha: float = 0.5
-    cohort_sampling: Literal["fixed", "poisson"] = "fixed"
+    cohort_sampling: Literal["auto", "fixed", "poisson"] = "auto"
     server_learning_rate: float = 1.0
     eval_every: int = 1
     transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"

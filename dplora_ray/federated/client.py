@@ -158,15 +158,17 @@ class ClientWorker:
     def trainable_keys(self) -> list[str]:
         return list(self._params)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+    def _autocast(self, enabled: bool):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def _logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _logits(self, batch: Mapping[str, torch.Tensor], train: bool = True) -> torch.Tensor:
         """Label-word logits at the last prompt token, shape [batch, num_labels]."""
         base = self.model.get_base_model()
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
-        with self._autocast():
+        # bf16 autocast speeds up training on CPUs with bf16 support; evaluation stays
+        # float32 (measured slower under autocast on this CPU)
+        with self._autocast(self.autocast and train):
             hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             last = hidden[torch.arange(ids.shape[0], device=self.device),
                           batch["last_index"].to(self.device)]
@@ -316,17 +318,23 @@ class ClientWorker:
                 loss = self._loss(idx)
                 loss.backward()
                 losses.append(float(loss.detach()))
-            for group in (self._a_keys, self._b_keys):
-                if not group:
-                    continue
-                grads = {k: (self._params[k].grad if self._params[k].grad is not None
-                             else torch.zeros_like(self._params[k])) for k in group}
-                clipped, _ = _clip(grads, C)
-                for k in group:
-                    self._params[k].grad = clipped[k] + _noise_like(clipped[k], std, gen)
+            self._paper_noise_inplace(C, std, gen)
             opt.step()
         self.model.eval()
         return losses, self.cfg.federation.local_steps, rate
+
+    def _paper_noise_inplace(self, clipping_norm: float, std: float,
+                             gen: torch.Generator) -> None:
+        """DP-LoRA Alg. 1: clip the batch-mean gradient of the A factors and that of the
+        B factors each to C, add N(0, std^2) to each; a missing gradient counts as 0."""
+        for group in (self._a_keys, self._b_keys):
+            if not group:
+                continue
+            grads = {k: (self._params[k].grad if self._params[k].grad is not None
+                         else torch.zeros_like(self._params[k])) for k in group}
+            clipped, _ = _clip(grads, clipping_norm)
+            for k in group:
+                self._params[k].grad = clipped[k] + _noise_like(clipped[k], std, gen)
 
     # ----------------------------------------------------------------- preflight
     def preflight(self) -> dict[str, Any]:
@@ -370,11 +378,15 @@ class ClientWorker:
                 for k, p in self._params.items():
                     if p.grad is None:
                         problems.append(f"{k}: no gradient")
+                if mode == "paper":
+                    self._paper_noise_inplace(self.cfg.privacy.clipping_norm, 1.0,
+                                              torch.Generator().manual_seed(1))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            for k, p in self._params.items():
-                if torch.equal(p.detach(), before[k]):
-                    problems.append(f"{k}: unchanged after a private step")
+            if mode in ("dpsgd", "paper"):  # per-step noise must move every tensor
+                for k, p in self._params.items():
+                    if torch.equal(p.detach(), before[k]):
+                        problems.append(f"{k}: unchanged after a private step")
         finally:
             self.model.eval()
             with torch.no_grad():
@@ -401,7 +413,7 @@ class ClientWorker:
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
             batch = split.batch(chunk, self.data.pad_id)
-            logits = self._logits(batch).float().cpu()
+            logits = self._logits(batch, train=False).float().cpu()
             loss = F.cross_entropy(logits, batch["labels"], reduction="none")
             for row, i in enumerate(chunk):
                 losses[pos[int(i)]] = float(loss[row])

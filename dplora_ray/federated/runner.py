@@ -54,7 +54,10 @@ def derive_seed(seed: int, *key: int) -> int:
 
 
 def cohort_mode(cfg: ExperimentConfig) -> str:
-    return "poisson" if cfg.privacy.mode == "client" else cfg.federation.cohort_sampling
+    mode = cfg.federation.cohort_sampling
+    if mode == "auto":
+        return "poisson" if cfg.privacy.mode == "client" else "fixed"
+    return mode
 
 
 def sample_cohorts(cfg: ExperimentConfig) -> list[np.ndarray]:
@@ -260,6 +263,20 @@ class _Progress:
             self.bar.close()
 
 
+class _NoLedger:
+    """Stands in for the privacy ledger when ``privacy.mode`` is ``none``."""
+
+    def append(self, entry: Any) -> None:
+        raise AssertionError("nothing is charged without privacy")
+
+    def epsilons(self) -> dict[str, float]:
+        return {}
+
+    def save(self, path: Path) -> None:
+        R.write_json_atomic({"mode": "none", "unit_of_privacy": None, "entries": [],
+                             "protects": "nothing: privacy.mode is 'none'"}, path)
+
+
 def _fmt(x: float | None, spec: str = ".3f") -> str | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -289,8 +306,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, overwrite: boo
     save_config(cfg, out / "config.yaml")
     unit_text = {"example": "one training example of a client",
                  "client": "all the data of one client", "none": "nothing"}[pp.unit]
-    ledger = PrivacyLedger(mode=pc.mode, accountant=pc.accountant, delta=pc.delta,
-                           unit_of_privacy=pp.unit)
+    ledger = (PrivacyLedger(mode=pc.mode, accountant=pc.accountant, delta=pc.delta,
+                            unit_of_privacy=pp.unit) if pp.mode != "none" else _NoLedger())
     if pp.mode != "none":
         say(f"privacy: mode={pp.mode}, protects {unit_text}; noise multiplier "
             f"{pp.noise_multiplier:.4g} (accounted as {pp.effective_noise_multiplier:.4g}), "
