@@ -364,12 +364,20 @@ class ClientWorker:
                                   expected_batch_size=bsz, loss_reduction="mean",
                                   generator=torch.Generator(device=self.device).manual_seed(1))
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(self._logits(batch), batch["labels"].to(self.device)).backward()
+                failure = None
+                try:
+                    F.cross_entropy(self._logits(batch),
+                                    batch["labels"].to(self.device)).backward()
+                except (IndexError, RuntimeError, ValueError) as exc:  # Opacus' hooks
+                    failure = f"per-sample gradients failed ({type(exc).__name__}: {exc})"
                 for k, p in self._params.items():
                     gs = getattr(p, "grad_sample", None)
                     if gs is None or gs.shape[0] != bsz:
                         problems.append(f"{k}: no per-sample gradient")
-                opt.step()
+                if failure is not None:
+                    problems.append(failure)
+                if not problems:  # DPOptimizer raises on a missing per-sample gradient
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
             else:
                 opt = torch.optim.SGD(params, lr=0.1)
@@ -383,7 +391,7 @@ class ClientWorker:
                                               torch.Generator().manual_seed(1))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            if mode in ("dpsgd", "paper"):  # per-step noise must move every tensor
+            if mode in ("dpsgd", "paper") and not problems:  # noise must move every tensor
                 for k, p in self._params.items():
                     if torch.equal(p.detach(), before[k]):
                         problems.append(f"{k}: unchanged after a private step")
