@@ -23,9 +23,9 @@ from dplora_ray.privacy.accountant import compute_rdp, merge_events, rdp_to_epsi
 dp_accounting = pytest.importorskip("dp_accounting")
 from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant  # noqa: E402
 
-NOISES = (0.5, 1.0, 2.0, 5.0, 20.0)
+NOISES = (0.5, 1.0, 3.0, 20.0)
 RATES = (0.001, 0.01, 0.1, 1.0)
-STEPS = (1, 100, 10_000, 100_000)
+STEPS = (1, 10, 100, 1_000, 10_000, 100_000)
 DELTAS = (1e-5, 1e-6)
 
 
@@ -75,7 +75,7 @@ def test_agrees_with_dp_accounting_rdp_within_one_percent(dp_accounting_rdp):
 
 
 def test_self_composed_matches_scaled_curve(dp_accounting_rdp):
-    for z, q, steps in [(1.0, 0.01, 10_000), (5.0, 0.1, 100)]:
+    for z, q, steps in [(1.0, 0.01, 10_000), (3.0, 0.1, 100)]:
         acc = RdpAccountant(orders=DEFAULT_ORDERS)
         acc.compose(dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps))

@@ -27,8 +27,9 @@ values agree with Opacus and with Google's ``dp_accounting`` (see
 
 Invariants:
     * epsilon is a pure function of the events, delta and the accountant: nothing is
-      remembered between calls except a cache of single-step RDP curves, keyed by
-      (noise_multiplier, sampling_rate, orders).
+      remembered between calls except caches of pure functions (single-step RDP curves
+      keyed by (noise_multiplier, sampling_rate, orders); PRV epsilons keyed by the merged
+      events and delta).
     * Events with ``sampling_rate == 0`` or ``steps == 0`` contribute nothing; a zero
       noise multiplier with ``steps > 0`` gives ``math.inf``.
     * Every approximation errs on the side of a larger epsilon (orders whose series does
@@ -406,7 +407,10 @@ def rdp_to_epsilon(orders: Sequence[float], rdp: Sequence[float] | np.ndarray,
     return max(0.0, float(eps[k])), float(alphas[k])
 
 
-def _epsilon_prv(events: list[SampledGaussian], delta: float) -> float:
+@functools.lru_cache(maxsize=1024)
+def _epsilon_prv(events: tuple[SampledGaussian, ...], delta: float) -> float:
+    """PRV epsilon of merged events (cached: a pure function, and a round's clients often
+    share one history)."""
     from opacus.accountants import PRVAccountant  # lazy: opacus imports torch
 
     accountant = PRVAccountant()  # a fresh accountant we own; history set once
@@ -458,7 +462,7 @@ def compute_epsilon(events: Sequence[SampledGaussian], delta: float,
     if any(ev.noise_multiplier == 0.0 for ev in merged):
         return math.inf
     if accountant == "prv":
-        return _epsilon_prv(merged, d)
+        return _epsilon_prv(tuple(merged), d)
     alphas = _check_orders(orders)
     eps, _ = rdp_to_epsilon(alphas, compute_rdp(merged, alphas), d)
     return eps
