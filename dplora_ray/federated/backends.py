@@ -75,6 +75,9 @@ class ActorBackend:
             if cfg.runtime.address:
                 ray.init(address=cfg.runtime.address, **kwargs)
             else:
+                # an embedded single-user instance needs no token (Ray 2.60 would
+                # otherwise write ~/.ray/auth_token)
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 need = cfg.runtime.num_workers * cfg.runtime.cpus_per_worker
                 ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
                          object_store_memory=512 * 1024 * 1024, **kwargs)
