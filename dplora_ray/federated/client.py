@@ -133,6 +133,7 @@ class ClientWorker:
         self.device = torch.device("cuda" if use_cuda else "cpu")
         base, _ = load_base_model(self.cfg.model)
         self.model = build_lora_model(base, self.cfg.lora, seed=self.cfg.seed).to(self.device)
+        self._init_state = lora_state(self.model, trainable_only=False)
         self._params = {k: p for k, p in self._named_lora() if p.requires_grad}
         self._a_keys = [k for k in self._params if ".lora_A." in k]
         self._b_keys = [k for k in self._params if ".lora_B." in k]
@@ -152,8 +153,9 @@ class ClientWorker:
                       if "lora_" in n)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
-        """All LoRA tensors at their seeded init (A and B), float32 on CPU."""
-        return lora_state(self.model, trainable_only=False)
+        """All LoRA tensors at their seeded init (A and B), float32 on CPU (also after
+        training: the model's tensors then hold the last client's values)."""
+        return {k: v.clone() for k, v in self._init_state.items()}
 
     def trainable_keys(self) -> list[str]:
         return list(self._params)
