@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     from dplora_ray.privacy.cli import add_parser as add_privacy
 
     add_privacy(sub)
+    from dplora_ray.tune import add_parser as add_sweep
+
+    add_sweep(sub)
+    from analysis.cli import add_parser as add_analyze
+
+    add_analyze(sub)
     return parser
 
 
