@@ -497,7 +497,7 @@ def _base_row(trial: TrialSpec, trial_dir: Path) -> dict[str, Any]:
     row[STATUS] = STATUS_PENDING
     row[TRIAL_DIR] = str(trial_dir)
     for key in list(trial.params) + [k for k in CONTEXT_KEYS if k not in trial.params]:
-        row[key] = trial.params[key] if key in trial.params else config_value(trial.config, key)
+        row[key] = config_value(trial.config, key)  # the config's type (2 -> 2.0 for floats)
     return row
 
 
@@ -540,9 +540,7 @@ def sweep_table(rows: Sequence[Mapping[str, Any]], swept: Sequence[str]) -> pa.T
         cols[f.name] = vals
     for key in extra:
         vals = [row.get(key) for row in rows]
-        tp = _CONTEXT_TYPES.get(key) if key not in swept else _column_type(vals)
-        if tp is None:
-            tp = _column_type(vals)
+        tp = _CONTEXT_TYPES.get(key) or _column_type(vals)
         if pa.types.is_string(tp):
             vals = [None if v is None else (v if isinstance(v, str) else _fmt_value(v))
                     for v in vals]
