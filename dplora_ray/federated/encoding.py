@@ -82,7 +82,7 @@ def encode_split(tokenizer, template: str, texts: Sequence[str], labels: Sequenc
     bos = [tokenizer.bos_token_id] if (getattr(tokenizer, "add_bos_token", False)
                                        and tokenizer.bos_token_id is not None) else []
     budget = max(1, max_length - len(head_ids) - len(tail_ids) - len(bos))
-    body = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    body = tokenizer([str(t).strip() for t in texts], add_special_tokens=False)["input_ids"]
     seqs = [bos + head_ids + b[:budget] + tail_ids for b in body]
     lens = np.array([len(s) for s in seqs], dtype=np.int64)
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
