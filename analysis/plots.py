@@ -92,6 +92,11 @@ def _epsilon_positions(values: Sequence[float]) -> dict[float, float]:
     return pos
 
 
+def _spread(y: np.ndarray, t: pd.DataFrame) -> np.ndarray:
+    """Asymmetric min-max error bars around the means ``y`` (zero where one trial)."""
+    return np.vstack([y - t[ACCURACY_MIN].to_numpy(), t[ACCURACY_MAX].to_numpy() - y])
+
+
 def _before_line(ax: Any, ok: pd.DataFrame) -> None:
     before = ok[S.EVAL_ACCURACY_BEFORE].dropna()
     if len(before):
@@ -113,14 +118,15 @@ def plot_accuracy_vs_epsilon(results: Results, out_dir: Path) -> Path | None:
         t = t.sort_values(EPSILON_TARGET)
         x = np.array([pos[float(e)] for e in t[EPSILON_TARGET]])
         y = t[ACCURACY_MEAN].to_numpy()
-        yerr = np.vstack([y - t[ACCURACY_MIN].to_numpy(), t[ACCURACY_MAX].to_numpy() - y])
+        yerr = _spread(y, t)
         finite = np.isfinite(t[EPSILON_TARGET].astype(float).to_numpy())
         color = f"C{i}"
+        cap = 3 if np.any(yerr > 0) else 0
         ax.errorbar(x[finite], y[finite], yerr=yerr[:, finite], color=color, marker="o",
-                    capsize=3, label=_label(RANK, rank))
+                    capsize=cap, label=_label(RANK, rank))
         if (~finite).any():
             ax.errorbar(x[~finite], y[~finite], yerr=yerr[:, ~finite], color=color,
-                        marker="s", capsize=3, linestyle="none")
+                        marker="s", capsize=cap, linestyle="none")
             if finite.any():
                 last = np.flatnonzero(finite)[-1]
                 ax.plot([x[last], x[~finite][0]], [y[last], y[~finite][0]], color=color,
@@ -154,8 +160,9 @@ def plot_accuracy_vs_clients(results: Results, out_dir: Path) -> Path | None:
     for i, (eps, t) in enumerate(groups):
         t = t.sort_values(CLIENTS)
         y = t[ACCURACY_MEAN].to_numpy()
-        yerr = np.vstack([y - t[ACCURACY_MIN].to_numpy(), t[ACCURACY_MAX].to_numpy() - y])
-        ax.errorbar(t[CLIENTS], y, yerr=yerr, marker="o", capsize=3, color=f"C{i}",
+        yerr = _spread(y, t)
+        ax.errorbar(t[CLIENTS], y, yerr=yerr, marker="o", capsize=3 if np.any(yerr > 0) else 0,
+                    color=f"C{i}",
                     label=_label(EPSILON_TARGET, eps) if eps is not None else "all trials")
     _before_line(ax, ok)
     ax.set_xticks(sorted(table[CLIENTS].unique()))
