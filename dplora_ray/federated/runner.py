@@ -34,7 +34,7 @@ import torch
 
 from dplora_ray import results as R
 from dplora_ray.config import ExperimentConfig, save_config
-from dplora_ray.errors import ConfigError, DataError, OutputError
+from dplora_ray.errors import ConfigError, DataError, OutputError, PreflightError
 from dplora_ray.federated.client import ClientJob, tensor_bytes
 from dplora_ray.federated.encoding import EncodedData, encode_split, label_token_ids
 
@@ -300,6 +300,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, overwrite: boo
     pp = plan.privacy
 
     # ---- all validation passed: from here on we write into `out`
+    existed = out.is_dir()
     if out.exists() and overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +324,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, overwrite: boo
     try:
         return _run_rounds(cfg, plan, backend, ledger, out, t_start, say, progress,
                            save_adapter)
+    except PreflightError:
+        # found before any round ran: leave nothing half-written (only config.yaml is)
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:
+            out.mkdir(parents=True, exist_ok=True)
+        raise
     finally:
         backend.shutdown()
 
