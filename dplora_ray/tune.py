@@ -643,12 +643,15 @@ def _error_text(err: BaseException | None) -> str:
 
 def _row_from_result(base: Mapping[str, Any], metrics: Mapping[str, Any] | None,
                      error: BaseException | None) -> dict[str, Any]:
-    if error is not None or not metrics or "summary_json" not in metrics:
-        row = dict(base)
+    """ok (the trial reported its summary), error (it raised), else still pending (it was
+    running or waiting when the sweep was interrupted)."""
+    if error is None and metrics and "summary_json" in metrics:
+        return row_from_summary(base, json.loads(metrics["summary_json"]))
+    row = dict(base)
+    if error is not None:
         row[STATUS] = STATUS_ERROR
-        row[ERROR] = _error_text(error) if error is not None else "trial reported no result"
-        return row
-    return row_from_summary(base, json.loads(metrics["summary_json"]))
+        row[ERROR] = _error_text(error)
+    return row
 
 
 # ---------------------------------------------------------------- running a sweep
