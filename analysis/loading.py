@@ -16,8 +16,6 @@ Invariants:
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -146,18 +144,3 @@ def load_results(path: str | Path) -> Results:
         return _load_run(p)
     raise ConfigError("DIR", str(path), "is neither a sweep folder (sweep.parquet) nor a "
                       "finished run folder (summary.json, rounds.parquet)")
-
-
-def finite_or_none(x: object) -> float | None:
-    """``x`` as a float, or None for None/NaN (not for inf)."""
-    if x is None:
-        return None
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) else v
-
-
-def read_summary(folder: Path) -> dict:
-    return json.loads((folder / "summary.json").read_text())

@@ -5,6 +5,7 @@ No Ray here: everything is checked before a sweep starts Ray.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -210,3 +211,16 @@ def test_sweep_table_schema(tmp_path: Path) -> None:
     assert df.loc[0, S.STATUS] == "ok" and df.loc[0, S.BYTES_UP] == 100
     assert df.loc[1, S.STATUS] == "error" and "privacy.delta" in df.loc[1, S.ERROR]
     assert math.isnan(df.loc[1, S.EVAL_ACCURACY])
+
+
+def test_trial_outcomes_ok_error_or_still_pending() -> None:
+    base = {c: None for c in S.SWEEP_COLUMNS} | {S.TRIAL: "t000", S.STATUS: S.STATUS_PENDING}
+    summary = {"eval_accuracy": 0.5, "rounds_completed": 2, "stop_reason": "completed"}
+
+    ok = S._row_from_result(base, {"summary_json": json.dumps(summary)}, None)
+    failed = S._row_from_result(base, {}, S.SweepTrialError("privacy.delta=0.5: too big"))
+    interrupted = S._row_from_result(base, {}, None)
+
+    assert (ok[S.STATUS], ok[S.EVAL_ACCURACY], ok[S.ROUNDS_COMPLETED]) == ("ok", 0.5, 2)
+    assert (failed[S.STATUS], failed[S.ERROR]) == ("error", "privacy.delta=0.5: too big")
+    assert (interrupted[S.STATUS], interrupted[S.ERROR]) == ("pending", None)
