@@ -51,7 +51,9 @@ def test_epsilon_client_and_local_units(capsys):
     local = _json(capsys, ["privacy", "epsilon", "--mode", "local", "--noise-multiplier", "5",
                            "--steps", "10", "--delta", "1e-5", "--json"])
     assert local["unit"] == "client" and local["sampling_rate"] == 1.0
-    assert local["epsilon"] == compute_epsilon([SampledGaussian(5.0, 1.0, 10)], 1e-5)
+    # replacement neighbours: two clipped updates differ by up to 2C -> multiplier sigma / 2
+    assert local["effective_noise_multiplier"] == 2.5
+    assert local["epsilon"] == compute_epsilon([SampledGaussian(2.5, 1.0, 10)], 1e-5)
 
 
 def test_calibrate_json_meets_target(capsys):

@@ -42,10 +42,13 @@ def effective_noise_scale(mode: str, train_a: bool) -> float:
     is released when one protected unit changes.
 
     * ``dpsgd`` (per-example clipping to C, noise N(0, sigma^2 C^2) on the sum; Abadi et
-      al. 2016, Alg. 1), ``client`` (DP-FedAvg, McMahan et al. 2018, Alg. 1: each client
-      update clipped to C, noise with std sigma * C on the sum) and ``local`` (each client
-      clips its update to C and adds N(0, sigma^2 C^2)): the sensitivity is C, so the
-      multiplier is sigma and the scale is 1.
+      al. 2016, Alg. 1) and ``client`` (DP-FedAvg, McMahan et al. 2018, Alg. 1: each
+      client update clipped to C, noise with std sigma * C on the sum), accounted for
+      adding/removing one unit: the sensitivity is C, so the scale is 1.
+    * ``local`` (each client clips its update to C and adds N(0, sigma^2 C^2) before
+      upload): the server sees each client's upload under its identity, so "the client
+      is absent" is not a meaningful neighbour; local DP compares any two datasets of the
+      same client (replacement). Two clipped updates differ by up to 2C: scale 1/2.
     * ``paper`` (DP-LoRA, Liu et al. 2023, arXiv:2312.17493, Alg. 1): the client clips the
       *batch-averaged* gradient of A and, separately, of B to norm C and adds
       N(0, sigma^2 C^2) to each. Changing one record can move a clipped vector anywhere
@@ -72,6 +75,8 @@ def effective_noise_scale(mode: str, train_a: bool) -> float:
     if mode not in DP_MODES:
         raise PrivacyError(
             f"mode must be one of {', '.join(repr(m) for m in DP_MODES)}. Found {mode!r}.")
+    if mode == "local":
+        return 0.5
     if mode != "paper":
         return 1.0
     return 1.0 / (2.0 * math.sqrt(2.0)) if train_a else 0.5
