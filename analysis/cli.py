@@ -10,11 +10,14 @@ __all__ = ["add_parser"]
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``dplora-ray analyze`` on the CLI's subparsers."""
-    p = sub.add_parser("analyze", help="write report.md and PNG plots for a sweep folder "
-                                       "(sweep.parquet) or a run folder")
+    p = sub.add_parser(
+        "analyze",
+        help="write report.md and PNG plots for a sweep folder (sweep.parquet) or a run folder",
+    )
     p.add_argument("dir", help="sweep folder or run folder")
-    p.add_argument("--out", default=None,
-                   help="where to write report.md and plots/ (default: DIR itself)")
+    p.add_argument(
+        "--out", default=None, help="where to write report.md and plots/ (default: DIR itself)"
+    )
     p.set_defaults(func=_cmd_analyze)
     return p
 

@@ -106,12 +106,16 @@ def _load_sweep(path: Path) -> Results:
         rounds.append(_attach(run["rounds"], row, keys))
         clients.append(_attach(run["clients"], row, keys))
     return Results(
-        kind="sweep", path=path, trials=trials,
-        rounds=pd.concat(rounds, ignore_index=True) if rounds
-        else _empty(R.ROUND_COLUMNS, keys),
-        clients=pd.concat(clients, ignore_index=True) if clients
+        kind="sweep",
+        path=path,
+        trials=trials,
+        rounds=pd.concat(rounds, ignore_index=True) if rounds else _empty(R.ROUND_COLUMNS, keys),
+        clients=pd.concat(clients, ignore_index=True)
+        if clients
         else _empty(R.CLIENT_COLUMNS, keys),
-        swept=tuple(swept), missing=tuple(missing))
+        swept=tuple(swept),
+        missing=tuple(missing),
+    )
 
 
 def _load_run(path: Path) -> Results:
@@ -126,9 +130,14 @@ def _load_run(path: Path) -> Results:
     trials = S.sweep_table([row], swept=()).to_pandas()
     keys = key_columns(trials)
     first = trials.iloc[0]
-    return Results(kind="run", path=path, trials=trials,
-                   rounds=_attach(run["rounds"], first, keys),
-                   clients=_attach(run["clients"], first, keys), swept=())
+    return Results(
+        kind="run",
+        path=path,
+        trials=trials,
+        rounds=_attach(run["rounds"], first, keys),
+        clients=_attach(run["clients"], first, keys),
+        swept=(),
+    )
 
 
 def load_results(path: str | Path) -> Results:
@@ -142,5 +151,9 @@ def load_results(path: str | Path) -> Results:
         return _load_sweep(p)
     if (p / "summary.json").is_file() and (p / "rounds.parquet").is_file():
         return _load_run(p)
-    raise ConfigError("DIR", str(path), "is neither a sweep folder (sweep.parquet) nor a "
-                      "finished run folder (summary.json, rounds.parquet)")
+    raise ConfigError(
+        "DIR",
+        str(path),
+        "is neither a sweep folder (sweep.parquet) nor a "
+        "finished run folder (summary.json, rounds.parquet)",
+    )

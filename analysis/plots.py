@@ -100,8 +100,9 @@ def _spread(y: np.ndarray, t: pd.DataFrame) -> np.ndarray:
 def _before_line(ax: Any, ok: pd.DataFrame) -> None:
     before = ok[S.EVAL_ACCURACY_BEFORE].dropna()
     if len(before):
-        ax.axhline(float(before.mean()), color="0.5", linestyle=":", linewidth=1.2,
-                   label="before training")
+        ax.axhline(
+            float(before.mean()), color="0.5", linestyle=":", linewidth=1.2, label="before training"
+        )
 
 
 def plot_accuracy_vs_epsilon(results: Results, out_dir: Path) -> Path | None:
@@ -122,15 +123,34 @@ def plot_accuracy_vs_epsilon(results: Results, out_dir: Path) -> Path | None:
         finite = np.isfinite(t[EPSILON_TARGET].astype(float).to_numpy())
         color = f"C{i}"
         cap = 3 if np.any(yerr > 0) else 0
-        ax.errorbar(x[finite], y[finite], yerr=yerr[:, finite], color=color, marker="o",
-                    capsize=cap, label=_label(RANK, rank))
+        ax.errorbar(
+            x[finite],
+            y[finite],
+            yerr=yerr[:, finite],
+            color=color,
+            marker="o",
+            capsize=cap,
+            label=_label(RANK, rank),
+        )
         if (~finite).any():
-            ax.errorbar(x[~finite], y[~finite], yerr=yerr[:, ~finite], color=color,
-                        marker="s", capsize=cap, linestyle="none")
+            ax.errorbar(
+                x[~finite],
+                y[~finite],
+                yerr=yerr[:, ~finite],
+                color=color,
+                marker="s",
+                capsize=cap,
+                linestyle="none",
+            )
             if finite.any():
                 last = np.flatnonzero(finite)[-1]
-                ax.plot([x[last], x[~finite][0]], [y[last], y[~finite][0]], color=color,
-                        linestyle=":", linewidth=1)
+                ax.plot(
+                    [x[last], x[~finite][0]],
+                    [y[last], y[~finite][0]],
+                    color=color,
+                    linestyle=":",
+                    linewidth=1,
+                )
     _before_line(ax, ok)
     ax.set_xscale("log")
     ticks = sorted(pos.items(), key=lambda kv: kv[1])
@@ -161,9 +181,15 @@ def plot_accuracy_vs_clients(results: Results, out_dir: Path) -> Path | None:
         t = t.sort_values(CLIENTS)
         y = t[ACCURACY_MEAN].to_numpy()
         yerr = _spread(y, t)
-        ax.errorbar(t[CLIENTS], y, yerr=yerr, marker="o", capsize=3 if np.any(yerr > 0) else 0,
-                    color=f"C{i}",
-                    label=_label(EPSILON_TARGET, eps) if eps is not None else "all trials")
+        ax.errorbar(
+            t[CLIENTS],
+            y,
+            yerr=yerr,
+            marker="o",
+            capsize=3 if np.any(yerr > 0) else 0,
+            color=f"C{i}",
+            label=_label(EPSILON_TARGET, eps) if eps is not None else "all trials",
+        )
     _before_line(ax, ok)
     ax.set_xticks(sorted(table[CLIENTS].unique()))
     ax.set_xlabel("number of clients (federation.num_clients)")
@@ -176,8 +202,9 @@ def plot_accuracy_vs_clients(results: Results, out_dir: Path) -> Path | None:
     return _save(fig, out_dir, "accuracy_vs_clients.png")
 
 
-def _curve_groups(results: Results, curves: pd.DataFrame, keys: Sequence[str],
-                  run_label: str) -> list[tuple[str, pd.DataFrame]]:
+def _curve_groups(
+    results: Results, curves: pd.DataFrame, keys: Sequence[str], run_label: str
+) -> list[tuple[str, pd.DataFrame]]:
     """(label, frame) per line: one per trial for a run, else per value combination of
     ``keys`` that vary (mean over the rest)."""
     if results.kind == "run":
@@ -192,12 +219,18 @@ def _curve_groups(results: Results, curves: pd.DataFrame, keys: Sequence[str],
     return out
 
 
-def _mean_curve(g: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                    np.ndarray, int]:
+def _mean_curve(
+    g: pd.DataFrame, col: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     s = g.groupby(ROUND)[col]
     m = s.mean()
-    return (m.index.to_numpy(), m.to_numpy(), s.min().to_numpy(), s.max().to_numpy(),
-            int(g[S.TRIAL].nunique()))
+    return (
+        m.index.to_numpy(),
+        m.to_numpy(),
+        s.min().to_numpy(),
+        s.max().to_numpy(),
+        int(g[S.TRIAL].nunique()),
+    )
 
 
 def plot_accuracy_vs_round(results: Results, out_dir: Path) -> Path | None:
@@ -210,17 +243,21 @@ def plot_accuracy_vs_round(results: Results, out_dir: Path) -> Path | None:
     plt = _plt()
     panels: list[tuple[str | None, pd.DataFrame]] = [(None, curves)]
     if results.kind == "sweep" and _varied(curves, RANK) and curves[RANK].nunique() <= 4:
-        panels = [(_label(RANK, r) + " (LoRA rank)", g)
-                  for r, g in curves.groupby(RANK, sort=True)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.2, 4.3),
-                             sharey=True, squeeze=False)
+        panels = [(_label(RANK, r) + " (LoRA rank)", g) for r, g in curves.groupby(RANK, sort=True)]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.2 * len(panels) + 1.2, 4.3), sharey=True, squeeze=False
+    )
     for ax, (title, pc) in zip(axes[0], panels):
-        keys = [EPSILON_TARGET] if _varied(curves, EPSILON_TARGET) else \
-            [k for k in results.swept if k != RANK][:2]
+        keys = (
+            [EPSILON_TARGET]
+            if _varied(curves, EPSILON_TARGET)
+            else [k for k in results.swept if k != RANK][:2]
+        )
         for i, (label, g) in enumerate(_curve_groups(results, pc, keys, "accuracy")):
             x, y, lo, hi, n = _mean_curve(g, S.EVAL_ACCURACY)
-            ax.plot(x, y, marker="o", color=f"C{i}", label=label + (f" ({n} trials)"
-                                                                   if n > 1 else ""))
+            ax.plot(
+                x, y, marker="o", color=f"C{i}", label=label + (f" ({n} trials)" if n > 1 else "")
+            )
             if n > 1:
                 ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.15)
             if results.kind == "run":
@@ -257,8 +294,11 @@ def plot_epsilon_vs_round(results: Results, out_dir: Path) -> Path | None:
         ax.plot(x, y, marker="o", color=f"C{i % 10}", label=label)
         if n > 1 and np.any(hi - lo > 1e-9):
             ax.fill_between(x, lo, hi, color=f"C{i % 10}", alpha=0.15)
-    targets = sorted({float(t) for t in priv[EPSILON_TARGET].dropna()
-                      if math.isfinite(float(t))}) if EPSILON_TARGET in priv else []
+    targets = (
+        sorted({float(t) for t in priv[EPSILON_TARGET].dropna() if math.isfinite(float(t))})
+        if EPSILON_TARGET in priv
+        else []
+    )
     for t in targets:
         ax.axhline(t, color="0.4", linestyle="--", linewidth=0.8)
     if targets:
@@ -320,15 +360,13 @@ def plot_communication(comm: pd.DataFrame, out_dir: Path) -> Path | None:
     bars = ax.bar(range(len(values)), values, color=colors)
     for b, v, f in zip(bars, values, fractions):
         text = _bytes(v) + (f"\n{100 * f:.3g}% of full" if f is not None else "")
-        ax.annotate(text, (b.get_x() + b.get_width() / 2, v), ha="center",
-                    va="bottom", fontsize=8)
+        ax.annotate(text, (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
     ax.set_yscale("log")
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("bytes uploaded per client per round (log)")
     model_names = ", ".join(str(m) for m in comm[MODEL].unique())
-    ax.set_title(f"Communication: LoRA vs full fine-tuning ({model_names}, float32)",
-                 fontsize=10)
+    ax.set_title(f"Communication: LoRA vs full fine-tuning ({model_names}, float32)", fontsize=10)
     ax.set_ylim(top=max(values) * 8)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, out_dir, "communication.png")

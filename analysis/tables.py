@@ -72,8 +72,9 @@ FULL_FT_BYTES_PER_CLIENT_ROUND = "full_ft_bytes_per_client_round"
 LORA_FRACTION = "lora_fraction_of_full_ft"
 
 
-def privacy_utility_table(trials: pd.DataFrame,
-                          by: Sequence[str] = (EPSILON_TARGET, RANK)) -> pd.DataFrame:
+def privacy_utility_table(
+    trials: pd.DataFrame, by: Sequence[str] = (EPSILON_TARGET, RANK)
+) -> pd.DataFrame:
     """Accuracy by ``by`` (default: target epsilon x LoRA rank), over finished trials.
 
     Columns: ``by``, ``num_trials``, accuracy mean/std/min/max, macro-F1 mean, and the
@@ -82,26 +83,37 @@ def privacy_utility_table(trials: pd.DataFrame,
     """
     ok = trials[trials[S.STATUS] == S.STATUS_OK]
     by = [k for k in by if k in ok.columns]
-    cols = [*by, NUM_TRIALS, ACCURACY_MEAN, ACCURACY_STD, ACCURACY_MIN, ACCURACY_MAX,
-            F1_MEAN, EPSILON_MEAN]
+    cols = [
+        *by,
+        NUM_TRIALS,
+        ACCURACY_MEAN,
+        ACCURACY_STD,
+        ACCURACY_MIN,
+        ACCURACY_MAX,
+        F1_MEAN,
+        EPSILON_MEAN,
+    ]
     if ok.empty:
         return pd.DataFrame(columns=cols)
     g = ok.groupby(by, dropna=False, sort=True) if by else ok.groupby(lambda _: 0)
-    out = pd.DataFrame({
-        NUM_TRIALS: g[S.EVAL_ACCURACY].size(),
-        ACCURACY_MEAN: g[S.EVAL_ACCURACY].mean(),
-        ACCURACY_STD: g[S.EVAL_ACCURACY].std(ddof=0),
-        ACCURACY_MIN: g[S.EVAL_ACCURACY].min(),
-        ACCURACY_MAX: g[S.EVAL_ACCURACY].max(),
-        F1_MEAN: g[S.EVAL_F1_MACRO].mean(),
-        EPSILON_MEAN: g[S.EPSILON].mean(),
-    })
+    out = pd.DataFrame(
+        {
+            NUM_TRIALS: g[S.EVAL_ACCURACY].size(),
+            ACCURACY_MEAN: g[S.EVAL_ACCURACY].mean(),
+            ACCURACY_STD: g[S.EVAL_ACCURACY].std(ddof=0),
+            ACCURACY_MIN: g[S.EVAL_ACCURACY].min(),
+            ACCURACY_MAX: g[S.EVAL_ACCURACY].max(),
+            F1_MEAN: g[S.EVAL_F1_MACRO].mean(),
+            EPSILON_MEAN: g[S.EPSILON].mean(),
+        }
+    )
     out = out.reset_index() if by else out.reset_index(drop=True)
     return out[cols]
 
 
-def privacy_utility_pivot(trials: pd.DataFrame, index: str = EPSILON_TARGET,
-                          columns: str = RANK) -> pd.DataFrame:
+def privacy_utility_pivot(
+    trials: pd.DataFrame, index: str = EPSILON_TARGET, columns: str = RANK
+) -> pd.DataFrame:
     """Mean accuracy, ``index`` down (default target epsilon) x ``columns`` across
     (default LoRA rank)."""
     table = privacy_utility_table(trials, by=(index, columns))
@@ -110,9 +122,9 @@ def privacy_utility_pivot(trials: pd.DataFrame, index: str = EPSILON_TARGET,
     return table.pivot(index=index, columns=columns, values=ACCURACY_MEAN).sort_index()
 
 
-def communication_table(results: Results,
-                        parameters: Callable[[str], int | None] = base_model_parameters
-                        ) -> pd.DataFrame:
+def communication_table(
+    results: Results, parameters: Callable[[str], int | None] = base_model_parameters
+) -> pd.DataFrame:
     """Bytes per round by model and LoRA rank, against full fine-tuning of the same model.
 
     A client-round is one client's participation in one round. LoRA bytes come from the
@@ -125,9 +137,18 @@ def communication_table(results: Results,
         parameters: model name -> base-model parameter count (None: unknown).
     """
     ok = results.ok
-    cols = [MODEL, RANK, LORA_PARAMETERS, BASE_PARAMETERS, CLIENT_ROUNDS,
-            LORA_BYTES_UP_PER_ROUND, LORA_BYTES_UP_PER_CLIENT_ROUND,
-            LORA_BYTES_DOWN_PER_CLIENT_ROUND, FULL_FT_BYTES_PER_CLIENT_ROUND, LORA_FRACTION]
+    cols = [
+        MODEL,
+        RANK,
+        LORA_PARAMETERS,
+        BASE_PARAMETERS,
+        CLIENT_ROUNDS,
+        LORA_BYTES_UP_PER_ROUND,
+        LORA_BYTES_UP_PER_CLIENT_ROUND,
+        LORA_BYTES_DOWN_PER_CLIENT_ROUND,
+        FULL_FT_BYTES_PER_CLIENT_ROUND,
+        LORA_FRACTION,
+    ]
     if ok.empty:
         return pd.DataFrame(columns=cols)
     clients = results.clients
@@ -142,26 +163,32 @@ def communication_table(results: Results,
         else:  # folder not readable here: the sweep table's totals
             n, up, down = 0, math.nan, math.nan
         rounds = row[S.ROUNDS_COMPLETED] or 0
-        per_trial.append({
-            MODEL: row[MODEL], RANK: row[RANK],
-            LORA_PARAMETERS: row[S.TRAINABLE_PARAMETERS], CLIENT_ROUNDS: n,
-            LORA_BYTES_UP_PER_ROUND: row[S.BYTES_UP] / rounds if rounds else math.nan,
-            LORA_BYTES_UP_PER_CLIENT_ROUND: up, LORA_BYTES_DOWN_PER_CLIENT_ROUND: down,
-        })
+        per_trial.append(
+            {
+                MODEL: row[MODEL],
+                RANK: row[RANK],
+                LORA_PARAMETERS: row[S.TRAINABLE_PARAMETERS],
+                CLIENT_ROUNDS: n,
+                LORA_BYTES_UP_PER_ROUND: row[S.BYTES_UP] / rounds if rounds else math.nan,
+                LORA_BYTES_UP_PER_CLIENT_ROUND: up,
+                LORA_BYTES_DOWN_PER_CLIENT_ROUND: down,
+            }
+        )
     df = pd.DataFrame(per_trial)
     g = df.groupby([MODEL, RANK], sort=True)
-    out = pd.DataFrame({
-        LORA_PARAMETERS: g[LORA_PARAMETERS].max(),
-        CLIENT_ROUNDS: g[CLIENT_ROUNDS].sum(),
-        LORA_BYTES_UP_PER_ROUND: g[LORA_BYTES_UP_PER_ROUND].mean(),
-        LORA_BYTES_UP_PER_CLIENT_ROUND: g[LORA_BYTES_UP_PER_CLIENT_ROUND].mean(),
-        LORA_BYTES_DOWN_PER_CLIENT_ROUND: g[LORA_BYTES_DOWN_PER_CLIENT_ROUND].mean(),
-    }).reset_index()
+    out = pd.DataFrame(
+        {
+            LORA_PARAMETERS: g[LORA_PARAMETERS].max(),
+            CLIENT_ROUNDS: g[CLIENT_ROUNDS].sum(),
+            LORA_BYTES_UP_PER_ROUND: g[LORA_BYTES_UP_PER_ROUND].mean(),
+            LORA_BYTES_UP_PER_CLIENT_ROUND: g[LORA_BYTES_UP_PER_CLIENT_ROUND].mean(),
+            LORA_BYTES_DOWN_PER_CLIENT_ROUND: g[LORA_BYTES_DOWN_PER_CLIENT_ROUND].mean(),
+        }
+    ).reset_index()
     base = {m: parameters(str(m)) for m in out[MODEL].unique()}
     out[BASE_PARAMETERS] = [base[m] if base[m] is not None else np.nan for m in out[MODEL]]
     out[FULL_FT_BYTES_PER_CLIENT_ROUND] = out[BASE_PARAMETERS] * FULL_FT_BYTES_PER_PARAMETER
-    out[LORA_FRACTION] = (out[LORA_BYTES_UP_PER_CLIENT_ROUND]
-                          / out[FULL_FT_BYTES_PER_CLIENT_ROUND])
+    out[LORA_FRACTION] = out[LORA_BYTES_UP_PER_CLIENT_ROUND] / out[FULL_FT_BYTES_PER_CLIENT_ROUND]
     return out[cols]
 
 
@@ -183,20 +210,26 @@ def accuracy_curves(results: Results) -> pd.DataFrame:
         r = rounds[rounds[S.TRIAL] == row[S.TRIAL]]
         if r.empty:
             continue
-        start = {S.TRIAL: row[S.TRIAL], ROUND: 0,
-                 S.EVAL_ACCURACY: row[S.EVAL_ACCURACY_BEFORE], S.EVAL_F1_MACRO: np.nan,
-                 S.EPSILON: 0.0 if pd.notna(row[S.EPSILON]) else np.nan,
-                 **{k: row[k] for k in keys}}
-        ev = r[r[R.EVAL_ACCURACY].notna()][[S.TRIAL, ROUND, R.EVAL_ACCURACY,
-                                            R.EVAL_F1_MACRO, R.EPSILON, *keys]]
+        start = {
+            S.TRIAL: row[S.TRIAL],
+            ROUND: 0,
+            S.EVAL_ACCURACY: row[S.EVAL_ACCURACY_BEFORE],
+            S.EVAL_F1_MACRO: np.nan,
+            S.EPSILON: 0.0 if pd.notna(row[S.EPSILON]) else np.nan,
+            **{k: row[k] for k in keys},
+        }
+        ev = r[r[R.EVAL_ACCURACY].notna()][
+            [S.TRIAL, ROUND, R.EVAL_ACCURACY, R.EVAL_F1_MACRO, R.EPSILON, *keys]
+        ]
         parts.append(pd.concat([pd.DataFrame([start]), ev], ignore_index=True))
     if not parts:
         return pd.DataFrame(columns=cols)
     return pd.concat(parts, ignore_index=True)[cols]
 
 
-def markdown_table(df: pd.DataFrame, formats: Mapping[str, str] | None = None,
-                   index: bool = False) -> str:
+def markdown_table(
+    df: pd.DataFrame, formats: Mapping[str, str] | None = None, index: bool = False
+) -> str:
     """A GitHub-flavoured Markdown table (``inf`` target epsilon shown as ``inf (no DP)``)."""
     formats = dict(formats or {})
     if index:

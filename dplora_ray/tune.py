@@ -136,53 +136,86 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 STATUS_PENDING = "pending"  # not run (yet): the sweep was interrupted
 
-SWEEP_SCHEMA = pa.schema([
-    (TRIAL, pa.string()),
-    (STATUS, pa.string()),
-    (ERROR, pa.string()),
-    (EVAL_ACCURACY, pa.float64()),
-    (EVAL_F1_MACRO, pa.float64()),
-    (EVAL_ACCURACY_BEFORE, pa.float64()),
-    (EPSILON, pa.float64()),
-    (DELTA, pa.float64()),
-    (NOISE_MULTIPLIER, pa.float64()),
-    (BYTES_UP, pa.int64()),
-    (BYTES_DOWN, pa.int64()),
-    (ROUNDS_COMPLETED, pa.int64()),
-    (ROUNDS_PLANNED, pa.int64()),
-    (STOP_REASON, pa.string()),
-    (TRAINABLE_PARAMETERS, pa.int64()),
-    (WALL_SECONDS, pa.float64()),
-    (TRIAL_DIR, pa.string()),
-])
+SWEEP_SCHEMA = pa.schema(
+    [
+        (TRIAL, pa.string()),
+        (STATUS, pa.string()),
+        (ERROR, pa.string()),
+        (EVAL_ACCURACY, pa.float64()),
+        (EVAL_F1_MACRO, pa.float64()),
+        (EVAL_ACCURACY_BEFORE, pa.float64()),
+        (EPSILON, pa.float64()),
+        (DELTA, pa.float64()),
+        (NOISE_MULTIPLIER, pa.float64()),
+        (BYTES_UP, pa.int64()),
+        (BYTES_DOWN, pa.int64()),
+        (ROUNDS_COMPLETED, pa.int64()),
+        (ROUNDS_PLANNED, pa.int64()),
+        (STOP_REASON, pa.string()),
+        (TRAINABLE_PARAMETERS, pa.int64()),
+        (WALL_SECONDS, pa.float64()),
+        (TRIAL_DIR, pa.string()),
+    ]
+)
 SWEEP_COLUMNS: tuple[str, ...] = tuple(SWEEP_SCHEMA.names)
 
 # Config keys recorded for every trial (swept or not), so analysis can group by them.
-CONTEXT_KEYS: tuple[str, ...] = ("privacy.mode", "privacy.target_epsilon", "lora.r",
-                                 "federation.num_clients", "model.name")
-_CONTEXT_TYPES = {"privacy.mode": pa.string(), "privacy.target_epsilon": pa.float64(),
-                  "lora.r": pa.int64(), "federation.num_clients": pa.int64(),
-                  "model.name": pa.string()}
+CONTEXT_KEYS: tuple[str, ...] = (
+    "privacy.mode",
+    "privacy.target_epsilon",
+    "lora.r",
+    "federation.num_clients",
+    "model.name",
+)
+_CONTEXT_TYPES = {
+    "privacy.mode": pa.string(),
+    "privacy.target_epsilon": pa.float64(),
+    "lora.r": pa.int64(),
+    "federation.num_clients": pa.int64(),
+    "model.name": pa.string(),
+}
 
 # summary.json key -> sweep column (every metric column of SWEEP_SCHEMA comes from one)
 SUMMARY_COLUMNS: dict[str, str] = {
-    "eval_accuracy": EVAL_ACCURACY, "eval_f1_macro": EVAL_F1_MACRO,
-    "eval_accuracy_before": EVAL_ACCURACY_BEFORE, "epsilon": EPSILON, "delta": DELTA,
+    "eval_accuracy": EVAL_ACCURACY,
+    "eval_f1_macro": EVAL_F1_MACRO,
+    "eval_accuracy_before": EVAL_ACCURACY_BEFORE,
+    "epsilon": EPSILON,
+    "delta": DELTA,
     "noise_multiplier": NOISE_MULTIPLIER,
-    "bytes_up_total": BYTES_UP, "bytes_down_total": BYTES_DOWN,
-    "rounds_completed": ROUNDS_COMPLETED, "rounds_planned": ROUNDS_PLANNED,
-    "stop_reason": STOP_REASON, "trainable_parameters": TRAINABLE_PARAMETERS,
+    "bytes_up_total": BYTES_UP,
+    "bytes_down_total": BYTES_DOWN,
+    "rounds_completed": ROUNDS_COMPLETED,
+    "rounds_planned": ROUNDS_PLANNED,
+    "stop_reason": STOP_REASON,
+    "trainable_parameters": TRAINABLE_PARAMETERS,
     "wall_seconds": WALL_SECONDS,
 }
 
 EPSILON_KEY = "privacy.target_epsilon"
-_SWEEP_KEYS = ("name", "description", "base", "overrides", "space", "num_samples", "seed",
-               "max_concurrent_trials", "resources")
+_SWEEP_KEYS = (
+    "name",
+    "description",
+    "base",
+    "overrides",
+    "space",
+    "num_samples",
+    "seed",
+    "max_concurrent_trials",
+    "resources",
+)
 _DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 _RESOURCE_KEYS = ("cpu", "gpu")
 # environment forwarded from the sweep driver into every trial process
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "DPLORA_RAY_CACHE",
-                  "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY", "OPENBLAS_CORETYPE")
+_FORWARDED_ENV = (
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HOME",
+    "DPLORA_RAY_CACHE",
+    "TOKENIZERS_PARALLELISM",
+    "TRANSFORMERS_VERBOSITY",
+    "OPENBLAS_CORETYPE",
+)
 
 
 # ---------------------------------------------------------------- the sweep file
@@ -214,8 +247,9 @@ class Param:
     def __post_init__(self) -> None:
         where = f"space.{self.key}"
         if self.kind not in _DISTRIBUTIONS:
-            raise ConfigError(where, self.kind,
-                              f"unknown distribution; use one of {', '.join(_DISTRIBUTIONS)}")
+            raise ConfigError(
+                where, self.kind, f"unknown distribution; use one of {', '.join(_DISTRIBUTIONS)}"
+            )
         if self.kind in ("grid", "choice"):
             if len(self.values) == 0:
                 raise ConfigError(where, list(self.values), f"{self.kind} needs >= 1 value")
@@ -223,11 +257,11 @@ class Param:
         if len(self.values) != 2:
             raise ConfigError(where, list(self.values), f"{self.kind} needs [low, high]")
         low, high = self.values
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                      for v in (low, high))
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
         if not numeric or not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-            raise ConfigError(where, list(self.values),
-                              f"{self.kind} needs finite numbers low < high")
+            raise ConfigError(
+                where, list(self.values), f"{self.kind} needs finite numbers low < high"
+            )
         if self.kind == "loguniform" and low <= 0:
             raise ConfigError(where, list(self.values), "loguniform needs low > 0")
         if self.kind == "randint" and not all(isinstance(v, int) for v in (low, high)):
@@ -288,15 +322,19 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (``inf`` as the string ``"inf"``), for ``DIR/sweep.yaml``."""
+
         def plain(v: Any) -> Any:
             return "inf" if isinstance(v, float) and math.isinf(v) else v
 
         return {
-            "name": self.name, "description": self.description, "sweep_file": str(self.path),
+            "name": self.name,
+            "description": self.description,
+            "sweep_file": str(self.path),
             "base": str(self.base),
             "overrides": {k: plain(v) for k, v in self.overrides.items()},
             "space": {p.key: {p.kind: [plain(v) for v in p.values]} for p in self.space},
-            "num_samples": self.num_samples, "seed": self.seed,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
             "max_concurrent_trials": self.max_concurrent_trials,
             "resources": {"cpu": self.cpu, "gpu": self.gpu},
         }
@@ -308,8 +346,9 @@ def _resolve_base(base: Any, sweep_path: Path) -> Path:
     for cand in (sweep_path.parent / base, Path(base)):
         if cand.expanduser().is_file():
             return cand.expanduser().resolve()
-    raise ConfigError("base", base, f"no such file, relative to {sweep_path.parent} "
-                                    "or to the current folder")
+    raise ConfigError(
+        "base", base, f"no such file, relative to {sweep_path.parent} or to the current folder"
+    )
 
 
 def _parse_param(key: Any, spec: Any) -> Param:
@@ -318,10 +357,14 @@ def _parse_param(key: Any, spec: Any) -> Param:
     if isinstance(spec, (list, tuple)):
         return Param(key, "grid", tuple(_normalise_value(v) for v in spec))
     if not isinstance(spec, Mapping) or len(spec) != 1:
-        raise ConfigError(f"space.{key}", spec, "must be a list (grid) or one of "
-                          "{grid: [...]}, {choice: [...]}, {uniform: [low, high]}, "
-                          "{loguniform: [low, high]}, {randint: [low, high]}")
-    (kind, values), = spec.items()
+        raise ConfigError(
+            f"space.{key}",
+            spec,
+            "must be a list (grid) or one of "
+            "{grid: [...]}, {choice: [...]}, {uniform: [low, high]}, "
+            "{loguniform: [low, high]}, {randint: [low, high]}",
+        )
+    ((kind, values),) = spec.items()
     if not isinstance(values, (list, tuple)):
         raise ConfigError(f"space.{key}.{kind}", values, "must be a list")
     return Param(key, str(kind), tuple(_normalise_value(v) for v in values))
@@ -359,8 +402,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
             close = difflib.get_close_matches(str(k), _SWEEP_KEYS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(str(k), raw[k], f"unknown sweep key in {p}; {hint}"
-                              f"expected {', '.join(_SWEEP_KEYS)}")
+            raise ConfigError(
+                str(k), raw[k], f"unknown sweep key in {p}; {hint}expected {', '.join(_SWEEP_KEYS)}"
+            )
     base = _resolve_base(raw.get("base"), p)
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, Mapping):
@@ -371,15 +415,19 @@ def load_sweep(path: str | Path) -> SweepSpec:
     space = tuple(_parse_param(k, v) for k, v in space_raw.items())
     both = sorted(set(overrides) & set(space_raw))
     if both:
-        raise ConfigError(f"space.{both[0]}", space_raw[both[0]],
-                          "is also a fixed override; set it in one place")
+        raise ConfigError(
+            f"space.{both[0]}", space_raw[both[0]], "is also a fixed override; set it in one place"
+        )
     resources = raw.get("resources") or {}
     if not isinstance(resources, Mapping):
         raise ConfigError("resources", resources, "must be a mapping like {cpu: 1, gpu: 0}")
     for k in resources:
         if k not in _RESOURCE_KEYS:
-            raise ConfigError(f"resources.{k}", resources[k],
-                              f"unknown resource; expected {', '.join(_RESOURCE_KEYS)}")
+            raise ConfigError(
+                f"resources.{k}",
+                resources[k],
+                f"unknown resource; expected {', '.join(_RESOURCE_KEYS)}",
+            )
     cpu = _number("resources.cpu", resources.get("cpu", 1.0), minimum=0.0, integer=False)
     if cpu <= 0:
         raise ConfigError("resources.cpu", cpu, "must be > 0 (fractions allowed)")
@@ -391,13 +439,18 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not isinstance(name, str):
         raise ConfigError("name", name, "must be a string")
     return SweepSpec(
-        name=name, path=p.resolve(), base=base,
+        name=name,
+        path=p.resolve(),
+        base=base,
         overrides={str(k): _normalise_value(v) for k, v in overrides.items()},
         space=space,
         num_samples=_number("num_samples", raw.get("num_samples", 1), minimum=1, integer=True),
         seed=_number("seed", raw.get("seed", 0), minimum=0, integer=True),
-        max_concurrent_trials=mct, cpu=float(cpu), gpu=float(gpu),
-        description=str(raw.get("description") or ""))
+        max_concurrent_trials=mct,
+        cpu=float(cpu),
+        gpu=float(gpu),
+        description=str(raw.get("description") or ""),
+    )
 
 
 def _fmt_value(v: Any) -> str:
@@ -447,16 +500,17 @@ def expand_trials(spec: SweepSpec) -> list[TrialSpec]:
     for point in points:
         for _ in range(spec.num_samples):
             chosen = dict(zip((p.key for p in grid), point))
-            params = {p.key: chosen[p.key] if p.kind == "grid" else p.sample(rng)
-                      for p in spec.space}
+            params = {
+                p.key: chosen[p.key] if p.kind == "grid" else p.sample(rng) for p in spec.space
+            }
             index = len(trials)
             name = _trial_name(index, params)
             try:
                 cfg = load_config(spec.base, trial_overrides(spec, params))
             except ConfigError as exc:
-                raise ConfigError(exc.key, exc.value,
-                                  f"{exc.reason} (sweep {spec.path.name}, trial {name})"
-                                  ) from None
+                raise ConfigError(
+                    exc.key, exc.value, f"{exc.reason} (sweep {spec.path.name}, trial {name})"
+                ) from None
             trials.append(TrialSpec(index, name, params, cfg))
     return trials
 
@@ -464,6 +518,7 @@ def expand_trials(spec: SweepSpec) -> list[TrialSpec]:
 def trial_resources(spec: SweepSpec, cfg: ExperimentConfig) -> list[dict[str, float]]:
     """Placement-group bundles of one trial: its own process, then one per worker actor
     (``runtime.backend: actors``). Zero-valued resources are left out."""
+
     def bundle(cpu: float, gpu: float) -> dict[str, float]:
         b = {"CPU": float(cpu)}
         if gpu > 0:
@@ -473,8 +528,7 @@ def trial_resources(spec: SweepSpec, cfg: ExperimentConfig) -> list[dict[str, fl
     bundles = [bundle(spec.cpu, spec.gpu)]
     if cfg.runtime.backend == "actors":
         rt = cfg.runtime
-        bundles += [bundle(rt.cpus_per_worker, rt.gpus_per_worker)
-                    for _ in range(rt.num_workers)]
+        bundles += [bundle(rt.cpus_per_worker, rt.gpus_per_worker) for _ in range(rt.num_workers)]
     return bundles
 
 
@@ -519,8 +573,7 @@ def _column_type(values: Sequence[Any]) -> pa.DataType:
         return pa.bool_()
     if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
         return pa.int64()
-    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                       for v in present):
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
         return pa.float64()
     return pa.string()
 
@@ -542,8 +595,9 @@ def sweep_table(rows: Sequence[Mapping[str, Any]], swept: Sequence[str]) -> pa.T
         vals = [row.get(key) for row in rows]
         tp = _CONTEXT_TYPES.get(key) or _column_type(vals)
         if pa.types.is_string(tp):
-            vals = [None if v is None else (v if isinstance(v, str) else _fmt_value(v))
-                    for v in vals]
+            vals = [
+                None if v is None else (v if isinstance(v, str) else _fmt_value(v)) for v in vals
+            ]
         elif pa.types.is_floating(tp):
             vals = [None if v is None else float(v) for v in vals]
         fields.append(pa.field(key, tp))
@@ -606,6 +660,7 @@ def _trainable(config: dict[str, Any], *, payload: Mapping[str, Any]) -> None:
         cfg = config_from_dict(job["config"])
         log_path = Path(tune.get_context().get_trial_dir() or ".") / "experiment.log"
         with open(log_path, "a") as log:
+
             def say(msg: str) -> None:
                 log.write(msg + "\n")
                 log.flush()
@@ -641,8 +696,9 @@ def _error_text(err: BaseException | None) -> str:
     return lines[-1].strip() if lines else type(err).__name__
 
 
-def _row_from_result(base: Mapping[str, Any], metrics: Mapping[str, Any] | None,
-                     error: BaseException | None) -> dict[str, Any]:
+def _row_from_result(
+    base: Mapping[str, Any], metrics: Mapping[str, Any] | None, error: BaseException | None
+) -> dict[str, Any]:
     """ok (the trial reported its summary), error (it raised), else still pending (it was
     running or waiting when the sweep was interrupted)."""
     if error is None and metrics and "summary_json" in metrics:
@@ -661,25 +717,36 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     busy = out.is_dir() and any(out.iterdir())
     if resume:
         if not (out / "sweep.yaml").is_file():
-            raise OutputError("--out", str(out), "has no sweep.yaml; nothing to resume "
-                              "(run without --resume first)")
+            raise OutputError(
+                "--out",
+                str(out),
+                "has no sweep.yaml; nothing to resume (run without --resume first)",
+            )
         return
     if busy and not overwrite:
-        raise OutputError("--out", str(out), "exists and is not empty; pass --resume to "
-                          "continue that sweep, --overwrite to replace it, or a new folder")
+        raise OutputError(
+            "--out",
+            str(out),
+            "exists and is not empty; pass --resume to "
+            "continue that sweep, --overwrite to replace it, or a new folder",
+        )
 
 
 def _plan_doc(spec: SweepSpec, trials: Sequence[TrialSpec]) -> dict[str, Any]:
     def plain(v: Any) -> Any:
         return "inf" if isinstance(v, float) and math.isinf(v) else v
 
-    return {"sweep": spec.to_dict(),
-            "trials": [{"name": t.name, "params": {k: plain(v) for k, v in t.params.items()}}
-                       for t in trials]}
+    return {
+        "sweep": spec.to_dict(),
+        "trials": [
+            {"name": t.name, "params": {k: plain(v) for k, v in t.params.items()}} for t in trials
+        ],
+    }
 
 
-def _finished_rows(out: Path, trials: Sequence[TrialSpec], base_rows: Mapping[str, dict]
-                   ) -> dict[str, dict[str, Any]]:
+def _finished_rows(
+    out: Path, trials: Sequence[TrialSpec], base_rows: Mapping[str, dict]
+) -> dict[str, dict[str, Any]]:
     """Rows of trials an earlier (interrupted) run of this sweep finished."""
     done: dict[str, dict[str, Any]] = {}
     if (out / SWEEP_FILE).is_file():
@@ -687,15 +754,17 @@ def _finished_rows(out: Path, trials: Sequence[TrialSpec], base_rows: Mapping[st
         for rec in old.to_dict("records"):
             name = rec.get(TRIAL)
             if name in base_rows and rec.get(STATUS) == STATUS_OK:
-                done[name] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                              for k, v in rec.items()}
-                done[name].update({k: v for k, v in base_rows[name].items()
-                                   if k not in SWEEP_COLUMNS})  # keep exact swept values
+                done[name] = {
+                    k: (None if isinstance(v, float) and math.isnan(v) else v)
+                    for k, v in rec.items()
+                }
+                done[name].update(
+                    {k: v for k, v in base_rows[name].items() if k not in SWEEP_COLUMNS}
+                )  # keep exact swept values
     for t in trials:
         summary = out / "trials" / t.name / "summary.json"
         if t.name not in done and summary.is_file():
-            done[t.name] = row_from_summary(base_rows[t.name],
-                                             json.loads(summary.read_text()))
+            done[t.name] = row_from_summary(base_rows[t.name], json.loads(summary.read_text()))
     return done
 
 
@@ -714,14 +783,26 @@ def _init_ray(address: str | None, num_cpus: int | None) -> tuple[bool, str | No
     # ~/.ray/auth_token); short temp dir: Ray's socket paths are limited in length
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     tmp = tempfile.mkdtemp(prefix="dplora-ray-")
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-             object_store_memory=512 * 1024 * 1024, _temp_dir=tmp, **kwargs)
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=False,
+        object_store_memory=512 * 1024 * 1024,
+        _temp_dir=tmp,
+        **kwargs,
+    )
     return True, tmp
 
 
-def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = None,
-              resume: bool = False, overwrite: bool = False, num_cpus: int | None = None,
-              verbose: int = 1) -> pd.DataFrame:
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: str | Path,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    num_cpus: int | None = None,
+    verbose: int = 1,
+) -> pd.DataFrame:
     """Run every trial of ``spec`` with ``ray.tune.Tuner`` and write ``DIR/sweep.parquet``.
 
     Args:
@@ -746,8 +827,12 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = Non
     if resume:
         old = yaml.safe_load((out / "sweep.yaml").read_text()) or {}
         if [t["name"] for t in old.get("trials", [])] != [t.name for t in trials]:
-            raise OutputError("--out", str(out), "holds a different sweep (its trials do not "
-                              "match this sweep file); use a new folder")
+            raise OutputError(
+                "--out",
+                str(out),
+                "holds a different sweep (its trials do not "
+                "match this sweep file); use a new folder",
+            )
     elif out.exists() and overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -762,8 +847,10 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = Non
     todo = [t for t in trials if t.name not in done]
     _write_sweep([rows[t.name] for t in trials], swept, out)
     if resume:
-        print(f"resume: {len(done)} of {len(trials)} trials already finished, "
-              f"{len(todo)} to run", file=sys.stderr)
+        print(
+            f"resume: {len(done)} of {len(trials)} trials already finished, {len(todo)} to run",
+            file=sys.stderr,
+        )
     if not todo:
         return read_sweep(out)
 
@@ -783,14 +870,23 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = Non
     return read_sweep(out)
 
 
-def _fit(spec: SweepSpec, todo: Sequence[TrialSpec], trial_dirs: Mapping[str, Path],
-         rows: dict[str, dict[str, Any]], swept: Sequence[str], trials: Sequence[TrialSpec],
-         out: Path, verbose: int) -> list[tuple[str, Any, Any]]:
+def _fit(
+    spec: SweepSpec,
+    todo: Sequence[TrialSpec],
+    trial_dirs: Mapping[str, Path],
+    rows: dict[str, dict[str, Any]],
+    swept: Sequence[str],
+    trials: Sequence[TrialSpec],
+    out: Path,
+    verbose: int,
+) -> list[tuple[str, Any, Any]]:
     from ray import tune
 
     payload = {
-        "trials": {t.name: {"config": config_to_dict(t.config),
-                            "trial_dir": str(trial_dirs[t.name])} for t in todo},
+        "trials": {
+            t.name: {"config": config_to_dict(t.config), "trial_dir": str(trial_dirs[t.name])}
+            for t in todo
+        },
         "env": {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         | {"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")},
         "cwd": os.getcwd(),
@@ -800,8 +896,7 @@ def _fit(spec: SweepSpec, todo: Sequence[TrialSpec], trial_dirs: Mapping[str, Pa
     def resources(config: dict[str, Any]) -> Any:
         return tune.PlacementGroupFactory(bundles[config["trial"]["name"]])
 
-    trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
-                                    resources)
+    trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload), resources)
     grid = [{"name": t.name, **{k: _fmt_value(v) for k, v in t.params.items()}} for t in todo]
     base_rows = {t.name: _base_row(t, trial_dirs[t.name]) for t in todo}
     all_trials = trials
@@ -815,15 +910,16 @@ def _fit(spec: SweepSpec, todo: Sequence[TrialSpec], trial_dirs: Mapping[str, Pa
                 rows[name] = _row_from_result(base_rows[name], trial.last_result, error)
                 _write_sweep([rows[t.name] for t in all_trials], swept, out)
             except Exception as exc:  # noqa: BLE001 - never let bookkeeping sink the sweep
-                print(f"sweep: could not update {SWEEP_FILE} ({exc!r}); it is written "
-                      "again at the end", file=sys.stderr)
+                print(
+                    f"sweep: could not update {SWEEP_FILE} ({exc!r}); it is written "
+                    "again at the end",
+                    file=sys.stderr,
+                )
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any
-                              ) -> None:
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._update(trial, None)
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any
-                           ) -> None:
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             err: BaseException | None = None
             try:
                 err = trial.get_pickled_error() or trial.get_error()
@@ -831,8 +927,7 @@ def _fit(spec: SweepSpec, todo: Sequence[TrialSpec], trial_dirs: Mapping[str, Pa
                 err = None
             self._update(trial, err or RuntimeError("trial failed"))
 
-    attempt = 1 + len([d for d in (out / "tune").glob("run-*")]) if (out / "tune").is_dir() \
-        else 1
+    attempt = 1 + len([d for d in (out / "tune").glob("run-*")]) if (out / "tune").is_dir() else 1
     # Tune's classic status table (CLIReporter): one compact table every 30 s and at the
     # end, one row per trial with the swept values and the final metrics. Ray's newer
     # output engine ignores a ProgressReporter, so it is switched off for this driver
@@ -840,24 +935,38 @@ def _fit(spec: SweepSpec, todo: Sequence[TrialSpec], trial_dirs: Mapping[str, Pa
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     short = [k.rsplit(".", 1)[-1] for k in swept]
     reporter = tune.CLIReporter(
-        parameter_columns={f"trial/{k}": (s if short.count(s) == 1 else k)
-                           for k, s in zip(swept, short)},
-        metric_columns={EVAL_ACCURACY: "accuracy", EPSILON: "epsilon",
-                        ROUNDS_COMPLETED: "rounds", WALL_SECONDS: "seconds"},
-        max_report_frequency=30, max_progress_rows=50, max_column_length=30)
+        parameter_columns={
+            f"trial/{k}": (s if short.count(s) == 1 else k) for k, s in zip(swept, short)
+        },
+        metric_columns={
+            EVAL_ACCURACY: "accuracy",
+            EPSILON: "epsilon",
+            ROUNDS_COMPLETED: "rounds",
+            WALL_SECONDS: "seconds",
+        },
+        max_report_frequency=30,
+        max_progress_rows=50,
+        max_column_length=30,
+    )
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(grid)},
         tune_config=tune.TuneConfig(
-            num_samples=1, max_concurrent_trials=spec.max_concurrent_trials,
+            num_samples=1,
+            max_concurrent_trials=spec.max_concurrent_trials,
             trial_name_creator=lambda t: t.config["trial"]["name"],
             trial_dirname_creator=lambda t: t.config["trial"]["name"],
             # a trial process imports torch/transformers once and runs several trials
-            reuse_actors=True),
+            reuse_actors=True,
+        ),
         run_config=tune.RunConfig(
-            name=f"run-{attempt}", storage_path=str(out / "tune"),
+            name=f"run-{attempt}",
+            storage_path=str(out / "tune"),
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            callbacks=[_RowWriter()], verbose=min(verbose, 1), progress_reporter=reporter),
+            callbacks=[_RowWriter()],
+            verbose=min(verbose, 1),
+            progress_reporter=reporter,
+        ),
     )
     t0 = time.perf_counter()
     grid_results = tuner.fit()
@@ -868,30 +977,42 @@ def _fit(spec: SweepSpec, todo: Sequence[TrialSpec], trial_dirs: Mapping[str, Pa
             continue
         results.append((name, res.metrics, res.error))
     if verbose:
-        print(f"sweep: {len(results)} trial(s) in {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr)
+        print(
+            f"sweep: {len(results)} trial(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr
+        )
     return results
 
 
 # ---------------------------------------------------------------- command line
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``dplora-ray sweep`` on the CLI's subparsers."""
-    p = sub.add_parser("sweep", help="run a sweep (search space over config keys) with "
-                                     "Ray Tune; writes DIR/sweep.parquet")
+    p = sub.add_parser(
+        "sweep",
+        help="run a sweep (search space over config keys) with Ray Tune; writes DIR/sweep.parquet",
+    )
     p.add_argument("sweep", help="sweep file (YAML), e.g. sweeps/smoke.yaml")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: runs/sweep-<name>-<time>)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS / the job's cluster, "
-                        "else a local Ray)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted sweep in --out (finished trials are kept)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing non-empty output folder")
-    p.add_argument("--validate", action="store_true",
-                   help="only build and validate every trial config, then exit")
-    p.add_argument("--num-cpus", type=int, default=None,
-                   help="CPUs of a locally started Ray (default: all)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/sweep-<name>-<time>)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: RAY_ADDRESS / the job's cluster, else a local Ray)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep in --out (finished trials are kept)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty output folder"
+    )
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="only build and validate every trial config, then exit",
+    )
+    p.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)"
+    )
     p.add_argument("--quiet", action="store_true", help="no Tune progress table")
     p.set_defaults(func=_cmd_sweep)
     return p
@@ -907,13 +1028,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     out = args.out or str(Path("runs") / f"sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.perf_counter()
-    df = run_sweep(spec, out, address=args.address, resume=args.resume,
-                   overwrite=args.overwrite, num_cpus=args.num_cpus,
-                   verbose=0 if args.quiet else 1)
+    df = run_sweep(
+        spec,
+        out,
+        address=args.address,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        num_cpus=args.num_cpus,
+        verbose=0 if args.quiet else 1,
+    )
     counts = df[STATUS].value_counts().to_dict()
     text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    print(f"sweep {spec.name!r}: {len(df)} trial(s) ({text}) in "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(f"sweep {spec.name!r}: {len(df)} trial(s) ({text}) in {time.perf_counter() - t0:.1f} s")
     print(f"results: {Path(out).resolve() / SWEEP_FILE}")
     if counts.get(STATUS_PENDING):
         print("some trials did not run; continue with --resume", file=sys.stderr)

@@ -32,14 +32,18 @@ def fake_parameters(model: str) -> int | None:
     return BASE if model == "tiny-llama" else None
 
 
-def make_run(folder: Path, *, eps: float, r: int, n: int, acc: list[float],
-             before: float = 0.3) -> None:
+def make_run(
+    folder: Path, *, eps: float, r: int, n: int, acc: list[float], before: float = 0.3
+) -> None:
     """A run folder as `dplora-ray train` writes it: 3 clients per round, every second
     round evaluated except the last, which always is."""
     private = math.isfinite(eps)
-    overrides = {"lora.r": r, "federation.num_clients": n,
-                 "privacy.mode": "dpsgd" if private else "none",
-                 "privacy.target_epsilon": eps if private else None}
+    overrides = {
+        "lora.r": r,
+        "federation.num_clients": n,
+        "privacy.mode": "dpsgd" if private else "none",
+        "privacy.target_epsilon": eps if private else None,
+    }
     folder.mkdir(parents=True)
     save_config(load_config(TINY, overrides), folder / "config.yaml")
     per_client = 4 * PARAMS_PER_RANK * r
@@ -47,33 +51,64 @@ def make_run(folder: Path, *, eps: float, r: int, n: int, acc: list[float],
     for k, a in enumerate(acc, start=1):
         evaluated = k % 2 == 0 or k == len(acc)
         spent = eps * k / len(acc) if private else None
-        rounds.append({R.SERVER_ROUND: k, R.TRAIN_LOSS: 1.0 / k,
-                       R.EVAL_LOSS: 1.0 / k if evaluated else None,
-                       R.EVAL_ACCURACY: a if evaluated else None,
-                       R.EVAL_F1_MACRO: a / 2 if evaluated else None,
-                       R.NUM_CLIENTS_SAMPLED: COHORT, R.NUM_CLIENTS_COMPLETED: COHORT,
-                       R.BYTES_UP: COHORT * per_client, R.BYTES_DOWN: COHORT * per_client,
-                       R.ROUND_SECONDS: 1.0, R.EPSILON: spent, R.EPSILON_MEAN: spent,
-                       R.NOISE_MULTIPLIER: 1.0 if private else None})
+        rounds.append(
+            {
+                R.SERVER_ROUND: k,
+                R.TRAIN_LOSS: 1.0 / k,
+                R.EVAL_LOSS: 1.0 / k if evaluated else None,
+                R.EVAL_ACCURACY: a if evaluated else None,
+                R.EVAL_F1_MACRO: a / 2 if evaluated else None,
+                R.NUM_CLIENTS_SAMPLED: COHORT,
+                R.NUM_CLIENTS_COMPLETED: COHORT,
+                R.BYTES_UP: COHORT * per_client,
+                R.BYTES_DOWN: COHORT * per_client,
+                R.ROUND_SECONDS: 1.0,
+                R.EPSILON: spent,
+                R.EPSILON_MEAN: spent,
+                R.NOISE_MULTIPLIER: 1.0 if private else None,
+            }
+        )
         for c in range(COHORT):
-            clients.append({R.SERVER_ROUND: k, R.CLIENT_ID: (k + c) % n, R.WORKER: 0,
-                            R.STATUS: "ok", R.NUM_EXAMPLES: 50, R.TRAIN_LOSS: 1.0 / k,
-                            R.UPDATE_NORM: 0.5, R.BYTES_UP: per_client,
-                            R.BYTES_DOWN: per_client, R.SECONDS: 0.1, R.STEPS: 2,
-                            R.SAMPLING_RATE: 0.1, R.EPSILON: spent})
+            clients.append(
+                {
+                    R.SERVER_ROUND: k,
+                    R.CLIENT_ID: (k + c) % n,
+                    R.WORKER: 0,
+                    R.STATUS: "ok",
+                    R.NUM_EXAMPLES: 50,
+                    R.TRAIN_LOSS: 1.0 / k,
+                    R.UPDATE_NORM: 0.5,
+                    R.BYTES_UP: per_client,
+                    R.BYTES_DOWN: per_client,
+                    R.SECONDS: 0.1,
+                    R.STEPS: 2,
+                    R.SAMPLING_RATE: 0.1,
+                    R.EPSILON: spent,
+                }
+            )
     R.write_rounds(rounds, folder / "rounds.parquet")
     R.write_clients(clients, folder / "clients.parquet")
-    R.write_json_atomic({
-        "eval_accuracy_before": before, "eval_f1_macro_before": before / 2,
-        "eval_accuracy": acc[-1], "eval_f1_macro": acc[-1] / 2,
-        "epsilon": eps if private else None, "delta": 1e-3 if private else None,
-        "noise_multiplier": 1.0 if private else None,
-        "privacy_mode": "dpsgd" if private else "none", "rounds_completed": len(acc),
-        "rounds_planned": len(acc), "stop_reason": "completed",
-        "bytes_up_total": len(acc) * COHORT * per_client,
-        "bytes_down_total": len(acc) * COHORT * per_client, "wall_seconds": 2.0,
-        "trainable_parameters": PARAMS_PER_RANK * r, "model": "tiny-llama",
-    }, folder / "summary.json")
+    R.write_json_atomic(
+        {
+            "eval_accuracy_before": before,
+            "eval_f1_macro_before": before / 2,
+            "eval_accuracy": acc[-1],
+            "eval_f1_macro": acc[-1] / 2,
+            "epsilon": eps if private else None,
+            "delta": 1e-3 if private else None,
+            "noise_multiplier": 1.0 if private else None,
+            "privacy_mode": "dpsgd" if private else "none",
+            "rounds_completed": len(acc),
+            "rounds_planned": len(acc),
+            "stop_reason": "completed",
+            "bytes_up_total": len(acc) * COHORT * per_client,
+            "bytes_down_total": len(acc) * COHORT * per_client,
+            "wall_seconds": 2.0,
+            "trainable_parameters": PARAMS_PER_RANK * r,
+            "model": "tiny-llama",
+        },
+        folder / "summary.json",
+    )
 
 
 GRID = [(eps, r, n) for eps in (1.0, 4.0, math.inf) for r in (2, 4) for n in (4, 8)]
@@ -94,10 +129,18 @@ def sweep_dir(tmp_path: Path) -> Path:
         name = f"t{i:03d}"
         folder = out / "trials" / name
         row = {c: None for c in S.SWEEP_COLUMNS}
-        row.update({S.TRIAL: name, S.STATUS: S.STATUS_OK, S.TRIAL_DIR: str(folder),
-                    "privacy.target_epsilon": eps, "lora.r": r, "federation.num_clients": n,
-                    "privacy.mode": "none" if math.isinf(eps) else "dpsgd",
-                    "model.name": "tiny-llama"})
+        row.update(
+            {
+                S.TRIAL: name,
+                S.STATUS: S.STATUS_OK,
+                S.TRIAL_DIR: str(folder),
+                "privacy.target_epsilon": eps,
+                "lora.r": r,
+                "federation.num_clients": n,
+                "privacy.mode": "none" if math.isinf(eps) else "dpsgd",
+                "model.name": "tiny-llama",
+            }
+        )
         acc = [0.3, 0.32, 0.35, final_acc(eps, r, n)]
         if i == len(GRID) - 1:
             row.update({S.STATUS: S.STATUS_ERROR, S.ERROR: "RuntimeError: boom"})
@@ -110,9 +153,11 @@ def sweep_dir(tmp_path: Path) -> Path:
         f.unlink()
     missing.rmdir()
     pq.write_table(S.sweep_table(rows, swept), out / S.SWEEP_FILE)
-    (out / "sweep.yaml").write_text(yaml.safe_dump(
-        {"sweep": {"space": {k: {"grid": []} for k in swept}}, "trials": []},
-        sort_keys=False))
+    (out / "sweep.yaml").write_text(
+        yaml.safe_dump(
+            {"sweep": {"space": {k: {"grid": []} for k in swept}}, "trials": []}, sort_keys=False
+        )
+    )
     return out
 
 
@@ -125,9 +170,9 @@ def test_load_sweep_with_the_fixed_schema(sweep_dir: Path) -> None:
     assert list(res.trials.columns) == list(pd.read_parquet(sweep_dir / S.SWEEP_FILE).columns)
     assert res.missing == ("t010",)
     assert set(res.rounds[S.TRIAL]) == {f"t{i:03d}" for i in range(10)}
-    assert list(res.rounds.columns[:1 + len(R.ROUND_COLUMNS)]) == [S.TRIAL, *R.ROUND_COLUMNS]
+    assert list(res.rounds.columns[: 1 + len(R.ROUND_COLUMNS)]) == [S.TRIAL, *R.ROUND_COLUMNS]
     assert {"lora.r", "privacy.target_epsilon"} <= set(res.rounds.columns)
-    assert list(res.clients.columns[1:1 + len(R.CLIENT_COLUMNS)]) == list(R.CLIENT_COLUMNS)
+    assert list(res.clients.columns[1 : 1 + len(R.CLIENT_COLUMNS)]) == list(R.CLIENT_COLUMNS)
     assert len(res.rounds) == 10 * 4 and len(res.clients) == 10 * 4 * COHORT
 
 
@@ -170,8 +215,7 @@ def test_communication_table_against_full_fine_tuning(sweep_dir: Path) -> None:
     assert comm.loc[2, T.CLIENT_ROUNDS] == 6 * 4 * COHORT  # 6 readable trials at r=2
 
 
-def test_accuracy_curves_start_at_round_zero_and_skip_unevaluated_rounds(
-        sweep_dir: Path) -> None:
+def test_accuracy_curves_start_at_round_zero_and_skip_unevaluated_rounds(sweep_dir: Path) -> None:
     res = analysis.load_results(sweep_dir)
 
     curves = analysis.accuracy_curves(res)
@@ -189,8 +233,13 @@ def test_report_for_a_sweep(sweep_dir: Path) -> None:
     text = report.path.read_text()
     names = {p.name for p in report.plots}
     assert report.path == sweep_dir / "report.md"
-    assert names == {"accuracy_vs_epsilon.png", "accuracy_vs_clients.png",
-                     "accuracy_vs_round.png", "epsilon_vs_round.png", "communication.png"}
+    assert names == {
+        "accuracy_vs_epsilon.png",
+        "accuracy_vs_clients.png",
+        "accuracy_vs_round.png",
+        "epsilon_vs_round.png",
+        "communication.png",
+    }
     for p in report.plots:
         assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 10_000
         assert f"](plots/{p.name})" in text

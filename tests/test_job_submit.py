@@ -48,9 +48,15 @@ def free_ports(n: int) -> list[int]:
 
 def cluster_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false"})
+    env.update(
+        {
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     return env
 
 
@@ -102,27 +108,55 @@ def _stop(cluster: Cluster) -> None:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rj")  # short: Ray's socket paths are limited
-    (gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, node_mgr,
-     obj_mgr) = free_ports(9)
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--ray-client-server-port", str(client),
-           "--dashboard-agent-listen-port", str(agent_http),
-           "--dashboard-agent-grpc-port", str(agent_grpc),
-           "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
-           "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
-           "--temp-dir", temp_dir, "--num-cpus", "2", "--disable-usage-stats"]
+    (gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr) = free_ports(
+        9
+    )
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--ray-client-server-port",
+        str(client),
+        "--dashboard-agent-listen-port",
+        str(agent_http),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(env_agent),
+        "--metrics-export-port",
+        str(metrics),
+        "--node-manager-port",
+        str(node_mgr),
+        "--object-manager-port",
+        str(obj_mgr),
+        "--temp-dir",
+        temp_dir,
+        "--num-cpus",
+        "2",
+        "--disable-usage-stats",
+    ]
     log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cluster_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=cluster_env(), start_new_session=True
+    )
     c = Cluster(proc, temp_dir, f"http://127.0.0.1:{dash}")
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
                 log.flush()
-                pytest.fail("ray start exited: "
-                            + (Path(temp_dir) / "ray-start.log").read_text()[-2000:])
+                pytest.fail(
+                    "ray start exited: " + (Path(temp_dir) / "ray-start.log").read_text()[-2000:]
+                )
             try:
                 with urllib.request.urlopen(c.dashboard + "/api/version", timeout=2) as r:
                     if r.status == 200:
@@ -142,17 +176,39 @@ def cluster() -> Iterator[Cluster]:
 def test_sweep_runs_as_a_ray_job(cluster: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     job_id = f"dplora-smoke-{os.getpid()}"
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                "TOKENIZERS_PARALLELISM": "false"}}
-    submit = [RAY, "job", "submit", "--address", cluster.dashboard,
-              "--submission-id", job_id, "--working-dir", str(ROOT),
-              "--runtime-env-json", json.dumps(runtime_env), "--",
-              sys.executable, "-m", "dplora_ray", "sweep", "sweeps/smoke.yaml",
-              "--out", str(out)]
+    runtime_env = {
+        "env_vars": {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    }
+    submit = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        sys.executable,
+        "-m",
+        "dplora_ray",
+        "sweep",
+        "sweeps/smoke.yaml",
+        "--out",
+        str(out),
+    ]
 
     t0 = time.monotonic()
-    done = subprocess.run(submit, env=cluster_env(), capture_output=True, text=True,
-                          timeout=480, cwd=tmp_path)
+    done = subprocess.run(
+        submit, env=cluster_env(), capture_output=True, text=True, timeout=480, cwd=tmp_path
+    )
     elapsed = time.monotonic() - t0
     with urllib.request.urlopen(f"{cluster.dashboard}/api/jobs/{job_id}", timeout=10) as r:
         info = json.loads(r.read())

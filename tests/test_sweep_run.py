@@ -23,11 +23,18 @@ pytestmark = pytest.mark.ray
 SWEEP = {
     "name": "unit",
     "base": str(ROOT / "configs" / "tiny.yaml"),
-    "overrides": {"runtime.backend": "inline", "runtime.torch_threads": 1,
-                  "privacy.mode": "dpsgd", "federation.rounds": 2,
-                  "federation.local_steps": 2, "data.test_size": 30},
-    "space": {"privacy.target_epsilon": {"grid": [4, "inf"]},
-              "privacy.delta": {"grid": [1e-3, 0.5]}},
+    "overrides": {
+        "runtime.backend": "inline",
+        "runtime.torch_threads": 1,
+        "privacy.mode": "dpsgd",
+        "federation.rounds": 2,
+        "federation.local_steps": 2,
+        "data.test_size": 30,
+    },
+    "space": {
+        "privacy.target_epsilon": {"grid": [4, "inf"]},
+        "privacy.delta": {"grid": [1e-3, 0.5]},
+    },
     "max_concurrent_trials": 2,
     "resources": {"cpu": 1},
 }
@@ -37,8 +44,9 @@ OK_PUBLIC = "t002_target_epsilon=inf_delta=0.001"
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_session: object, tmp_path_factory: pytest.TempPathFactory
-          ) -> tuple[Path, Path, pd.DataFrame]:
+def sweep(
+    ray_session: object, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, pd.DataFrame]:
     tmp = tmp_path_factory.mktemp("sweep")
     path = tmp / "unit.yaml"
     path.write_text(yaml.safe_dump(SWEEP, sort_keys=False))
@@ -53,8 +61,7 @@ def test_one_row_per_trial_with_the_schema(sweep: tuple[Path, Path, pd.DataFrame
     on_disk = pd.read_parquet(out / S.SWEEP_FILE)
 
     pd.testing.assert_frame_equal(df, on_disk)
-    assert list(df[S.TRIAL]) == [OK_PRIVATE, FAILS, OK_PUBLIC,
-                                 "t003_target_epsilon=inf_delta=0.5"]
+    assert list(df[S.TRIAL]) == [OK_PRIVATE, FAILS, OK_PUBLIC, "t003_target_epsilon=inf_delta=0.5"]
     assert list(df.columns[:3]) == [S.TRIAL, "privacy.target_epsilon", "privacy.delta"]
     assert set(S.SWEEP_COLUMNS) <= set(df.columns)
     assert list(df[S.STATUS]) == ["ok", "error", "ok", "ok"]
@@ -71,22 +78,28 @@ def test_one_row_per_trial_with_the_schema(sweep: tuple[Path, Path, pd.DataFrame
 
 
 def test_trials_write_the_train_files_and_tune_stays_in_the_folder(
-        sweep: tuple[Path, Path, pd.DataFrame]) -> None:
+    sweep: tuple[Path, Path, pd.DataFrame],
+) -> None:
     _, out, df = sweep
 
     for name in (OK_PRIVATE, OK_PUBLIC):
         folder = Path(df.set_index(S.TRIAL).loc[name, S.TRIAL_DIR])
         assert folder == out / "trials" / name
-        for f in ("config.yaml", "rounds.parquet", "clients.parquet", "summary.json",
-                  "ledger.json", "adapter"):
+        for f in (
+            "config.yaml",
+            "rounds.parquet",
+            "clients.parquet",
+            "summary.json",
+            "ledger.json",
+            "adapter",
+        ):
             assert (folder / f).exists(), f
         assert len(R.load_run(folder)["rounds"]) == 2
     assert (out / "tune" / "run-1").is_dir()
     assert (out / "sweep.yaml").is_file()
 
 
-def test_failed_trial_is_recorded_with_its_error(sweep: tuple[Path, Path, pd.DataFrame]
-                                                 ) -> None:
+def test_failed_trial_is_recorded_with_its_error(sweep: tuple[Path, Path, pd.DataFrame]) -> None:
     _, _, df = sweep
 
     row = df.set_index(S.TRIAL).loc[FAILS]
@@ -98,7 +111,8 @@ def test_failed_trial_is_recorded_with_its_error(sweep: tuple[Path, Path, pd.Dat
 
 
 def test_rerun_without_resume_refuses_the_folder(
-        sweep: tuple[Path, Path, pd.DataFrame], capsys: pytest.CaptureFixture[str]) -> None:
+    sweep: tuple[Path, Path, pd.DataFrame], capsys: pytest.CaptureFixture[str]
+) -> None:
     path, out, _ = sweep
 
     code = main(["sweep", str(path), "--out", str(out), "--quiet"])
@@ -108,7 +122,8 @@ def test_rerun_without_resume_refuses_the_folder(
 
 
 def test_resume_reruns_only_unfinished_and_failed_trials(
-        sweep: tuple[Path, Path, pd.DataFrame]) -> None:
+    sweep: tuple[Path, Path, pd.DataFrame],
+) -> None:
     path, out, _ = sweep
     # Prepare: the state an interruption leaves: OK_PRIVATE half-written and pending
     interrupted = out / "trials" / OK_PRIVATE
@@ -129,12 +144,12 @@ def test_resume_reruns_only_unfinished_and_failed_trials(
     assert not (interrupted / "adapter-partial").exists()  # rerun from scratch
     assert os.stat(kept).st_mtime_ns == kept_mtime  # finished trial not rerun
     assert (out / "tune" / "run-2").is_dir()
-    assert {p.name for p in (out / "tune" / "run-2").iterdir() if p.is_dir()} == {
-        OK_PRIVATE, FAILS}
+    assert {p.name for p in (out / "tune" / "run-2").iterdir() if p.is_dir()} == {OK_PRIVATE, FAILS}
 
 
-def test_analyze_the_sweep(sweep: tuple[Path, Path, pd.DataFrame],
-                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_analyze_the_sweep(
+    sweep: tuple[Path, Path, pd.DataFrame], capsys: pytest.CaptureFixture[str]
+) -> None:
     _, out, _ = sweep
 
     code = main(["analyze", str(out)])
@@ -143,8 +158,7 @@ def test_analyze_the_sweep(sweep: tuple[Path, Path, pd.DataFrame],
     report = (out / "report.md").read_text()
     assert "## Privacy-utility" in report and "## Communication" in report
     assert FAILS in report and "must be below 1/n" in report
-    for name in ("accuracy_vs_epsilon", "accuracy_vs_round", "epsilon_vs_round",
-                 "communication"):
+    for name in ("accuracy_vs_epsilon", "accuracy_vs_round", "epsilon_vs_round", "communication"):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:4] == b"\x89PNG"
         assert f"](plots/{name}.png)" in report

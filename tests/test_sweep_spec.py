@@ -34,11 +34,14 @@ def test_smoke_sweep_file_expands_to_eight_valid_trials() -> None:
 
     assert spec.base == TINY.resolve()
     assert len(trials) == 8
-    assert [t.name for t in trials[:2]] == ["t000_target_epsilon=2_r=2_num_clients=4",
-                                            "t001_target_epsilon=2_r=2_num_clients=6"]
-    assert {(t.params["privacy.target_epsilon"], t.params["lora.r"],
-             t.params["federation.num_clients"]) for t in trials} == {
-        (e, r, n) for e in (2, math.inf) for r in (2, 4) for n in (4, 6)}
+    assert [t.name for t in trials[:2]] == [
+        "t000_target_epsilon=2_r=2_num_clients=4",
+        "t001_target_epsilon=2_r=2_num_clients=6",
+    ]
+    assert {
+        (t.params["privacy.target_epsilon"], t.params["lora.r"], t.params["federation.num_clients"])
+        for t in trials
+    } == {(e, r, n) for e in (2, math.inf) for r in (2, 4) for n in (4, 6)}
     assert all(t.config.runtime.backend == "inline" for t in trials)
 
 
@@ -71,12 +74,18 @@ def test_privacy_budget_sweep_is_valid_and_reserves_worker_bundles() -> None:
 
 
 def test_random_distributions_are_seeded_and_in_range(tmp_path: Path) -> None:
-    doc = {"base": str(TINY), "seed": 7, "num_samples": 3,
-           "space": {"lora.r": [2, 4],
-                     "federation.learning_rate": {"loguniform": [1e-3, 1e-1]},
-                     "lora.dropout": {"uniform": [0.0, 0.2]},
-                     "federation.local_steps": {"randint": [1, 4]},
-                     "seed": {"choice": [0, 1, 2]}}}
+    doc = {
+        "base": str(TINY),
+        "seed": 7,
+        "num_samples": 3,
+        "space": {
+            "lora.r": [2, 4],
+            "federation.learning_rate": {"loguniform": [1e-3, 1e-1]},
+            "lora.dropout": {"uniform": [0.0, 0.2]},
+            "federation.local_steps": {"randint": [1, 4]},
+            "seed": {"choice": [0, 1, 2]},
+        },
+    }
     path = write_sweep(tmp_path, doc)
 
     a = S.expand_trials(S.load_sweep(path))
@@ -98,31 +107,46 @@ def test_base_path_is_relative_to_the_sweep_file(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "base.yaml").write_text(TINY.read_text())
     (tmp_path / "sweeps").mkdir()
-    path = write_sweep(tmp_path / "sweeps", {"base": "../configs/base.yaml",
-                                             "space": {"lora.r": [2]}})
+    path = write_sweep(
+        tmp_path / "sweeps", {"base": "../configs/base.yaml", "space": {"lora.r": [2]}}
+    )
 
     spec = S.load_sweep(path)
 
     assert spec.base == (tmp_path / "configs" / "base.yaml").resolve()
 
 
-@pytest.mark.parametrize(("doc", "key", "words"), [
-    ({"base": str(TINY), "spaces": {"lora.r": [2]}}, "spaces", "did you mean 'space'"),
-    ({"base": str(TINY), "space": {"lora.rank": [2]}}, "lora.rank", "unknown key"),
-    ({"base": str(TINY), "space": {"lora.r": {"gird": [2]}}}, "space.lora.r",
-     "unknown distribution"),
-    ({"base": str(TINY), "space": {"lora.r": [0, 2]}}, "lora.r", "trial t000_r=0"),
-    ({"base": str(TINY), "space": {"privacy.delta": {"uniform": [0.1]}}},
-     "space.privacy.delta", "[low, high]"),
-    ({"base": str(TINY), "space": {"lora.r": [2]}, "resources": {"tpu": 1}},
-     "resources.tpu", "unknown resource"),
-    ({"base": "nope.yaml", "space": {"lora.r": [2]}}, "base", "no such file"),
-    ({"base": str(TINY), "overrides": {"lora.r": 2}, "space": {"lora.r": [4]}},
-     "space.lora.r", "also a fixed override"),
-    ({"base": str(TINY), "max_concurrent_trials": 0}, "max_concurrent_trials", ">= 1"),
-])
-def test_bad_sweep_files_name_the_key(tmp_path: Path, doc: dict, key: str,
-                                      words: str) -> None:
+@pytest.mark.parametrize(
+    ("doc", "key", "words"),
+    [
+        ({"base": str(TINY), "spaces": {"lora.r": [2]}}, "spaces", "did you mean 'space'"),
+        ({"base": str(TINY), "space": {"lora.rank": [2]}}, "lora.rank", "unknown key"),
+        (
+            {"base": str(TINY), "space": {"lora.r": {"gird": [2]}}},
+            "space.lora.r",
+            "unknown distribution",
+        ),
+        ({"base": str(TINY), "space": {"lora.r": [0, 2]}}, "lora.r", "trial t000_r=0"),
+        (
+            {"base": str(TINY), "space": {"privacy.delta": {"uniform": [0.1]}}},
+            "space.privacy.delta",
+            "[low, high]",
+        ),
+        (
+            {"base": str(TINY), "space": {"lora.r": [2]}, "resources": {"tpu": 1}},
+            "resources.tpu",
+            "unknown resource",
+        ),
+        ({"base": "nope.yaml", "space": {"lora.r": [2]}}, "base", "no such file"),
+        (
+            {"base": str(TINY), "overrides": {"lora.r": 2}, "space": {"lora.r": [4]}},
+            "space.lora.r",
+            "also a fixed override",
+        ),
+        ({"base": str(TINY), "max_concurrent_trials": 0}, "max_concurrent_trials", ">= 1"),
+    ],
+)
+def test_bad_sweep_files_name_the_key(tmp_path: Path, doc: dict, key: str, words: str) -> None:
     path = write_sweep(tmp_path, doc)
 
     with pytest.raises(ConfigError) as info:
@@ -134,7 +158,8 @@ def test_bad_sweep_files_name_the_key(tmp_path: Path, doc: dict, key: str,
 
 
 def test_cli_bad_sweep_exits_2_with_one_line_and_writes_nothing(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write_sweep(tmp_path, {"base": str(TINY), "space": {"lora.rr": [2, 4]}})
     out = tmp_path / "out"
 
@@ -156,11 +181,20 @@ def test_cli_validate_lists_trials(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_actor_trials_reserve_fractional_worker_bundles(tmp_path: Path) -> None:
-    path = write_sweep(tmp_path, {
-        "base": str(TINY), "resources": {"cpu": 0.5, "gpu": 0.25},
-        "overrides": {"runtime.backend": "actors", "runtime.num_workers": 3,
-                      "runtime.cpus_per_worker": 0.5, "runtime.gpus_per_worker": 0.5},
-        "space": {"lora.r": [2]}})
+    path = write_sweep(
+        tmp_path,
+        {
+            "base": str(TINY),
+            "resources": {"cpu": 0.5, "gpu": 0.25},
+            "overrides": {
+                "runtime.backend": "actors",
+                "runtime.num_workers": 3,
+                "runtime.cpus_per_worker": 0.5,
+                "runtime.gpus_per_worker": 0.5,
+            },
+            "space": {"lora.r": [2]},
+        },
+    )
     spec = S.load_sweep(path)
     (trial,) = S.expand_trials(spec)
 
@@ -170,8 +204,10 @@ def test_actor_trials_reserve_fractional_worker_bundles(tmp_path: Path) -> None:
 
 
 def test_inline_trials_reserve_one_bundle(tmp_path: Path) -> None:
-    path = write_sweep(tmp_path, {"base": str(TINY), "overrides": {"runtime.backend": "inline"},
-                                  "space": {"lora.r": [2]}})
+    path = write_sweep(
+        tmp_path,
+        {"base": str(TINY), "overrides": {"runtime.backend": "inline"}, "space": {"lora.r": [2]}},
+    )
     spec = S.load_sweep(path)
 
     assert S.trial_resources(spec, S.expand_trials(spec)[0].config) == [{"CPU": 1.0}]
@@ -187,11 +223,21 @@ def test_sweep_table_schema(tmp_path: Path) -> None:
         base.update({S.TRIAL: t.name, S.STATUS: S.STATUS_PENDING, S.TRIAL_DIR: "x"})
         base.update({k: S.config_value(t.config, k) for k in [*swept, *S.CONTEXT_KEYS]})
         rows.append(base)
-    summary = {"eval_accuracy": 0.5, "eval_f1_macro": 0.4, "eval_accuracy_before": 0.3,
-               "epsilon": 1.9, "delta": 1e-3, "noise_multiplier": 1.1,
-               "bytes_up_total": 100, "bytes_down_total": 200, "rounds_completed": 3,
-               "rounds_planned": 3, "stop_reason": "completed", "trainable_parameters": 10,
-               "wall_seconds": 1.5}
+    summary = {
+        "eval_accuracy": 0.5,
+        "eval_f1_macro": 0.4,
+        "eval_accuracy_before": 0.3,
+        "epsilon": 1.9,
+        "delta": 1e-3,
+        "noise_multiplier": 1.1,
+        "bytes_up_total": 100,
+        "bytes_down_total": 200,
+        "rounds_completed": 3,
+        "rounds_planned": 3,
+        "stop_reason": "completed",
+        "trainable_parameters": 10,
+        "wall_seconds": 1.5,
+    }
     rows[0] = S.row_from_summary(rows[0], summary)
     rows[1][S.STATUS] = S.STATUS_ERROR
     rows[1][S.ERROR] = "privacy.delta=0.5: must be below 1/n"
@@ -199,11 +245,28 @@ def test_sweep_table_schema(tmp_path: Path) -> None:
 
     df = pd.read_parquet(tmp_path / S.SWEEP_FILE)
 
-    assert list(df.columns) == [S.TRIAL, *swept, "privacy.mode", "model.name",
-                                *[c for c in S.SWEEP_COLUMNS if c != S.TRIAL]]
-    for col in ("trial", "status", "error", "eval_accuracy", "eval_f1_macro", "epsilon",
-                "delta", "noise_multiplier", "bytes_up", "bytes_down", "rounds_completed",
-                "wall_seconds", "trial_dir"):
+    assert list(df.columns) == [
+        S.TRIAL,
+        *swept,
+        "privacy.mode",
+        "model.name",
+        *[c for c in S.SWEEP_COLUMNS if c != S.TRIAL],
+    ]
+    for col in (
+        "trial",
+        "status",
+        "error",
+        "eval_accuracy",
+        "eval_f1_macro",
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "bytes_up",
+        "bytes_down",
+        "rounds_completed",
+        "wall_seconds",
+        "trial_dir",
+    ):
         assert col in S.SWEEP_COLUMNS
     assert str(df["bytes_up"].dtype) == "int64" or df["bytes_up"].isna().any()
     assert df["eval_accuracy"].dtype == "float64"
