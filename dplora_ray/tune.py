@@ -639,6 +639,20 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run folder that finished (not one that ended in an error)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if str(summary.get("stop_reason") or "error").startswith("error"):
+        return None
+    return summary
+
+
 def _trainable(config: dict[str, Any], *, payload: Mapping[str, Any]) -> None:
     """One Tune trial = one experiment. ``config["trial"]`` names the trial; the config
     dicts travel in ``payload`` (``tune.with_parameters``)."""
@@ -653,10 +667,8 @@ def _trainable(config: dict[str, Any], *, payload: Mapping[str, Any]) -> None:
     if os.path.isdir(payload["cwd"]):  # relative paths in configs mean the driver's cwd
         os.chdir(payload["cwd"])
     out = Path(job["trial_dir"])
-    summary_file = out / "summary.json"
-    if summary_file.is_file():  # finished before the sweep was interrupted
-        summary = json.loads(summary_file.read_text())
-    else:
+    summary = _finished_summary(out)  # finished before the sweep was interrupted?
+    if summary is None:
         cfg = config_from_dict(job["config"])
         log_path = Path(tune.get_context().get_trial_dir() or ".") / "experiment.log"
         with open(log_path, "a") as log:
@@ -762,9 +774,9 @@ def _finished_rows(
                     {k: v for k, v in base_rows[name].items() if k not in SWEEP_COLUMNS}
                 )  # keep exact swept values
     for t in trials:
-        summary = out / "trials" / t.name / "summary.json"
-        if t.name not in done and summary.is_file():
-            done[t.name] = row_from_summary(base_rows[t.name], json.loads(summary.read_text()))
+        summary = _finished_summary(out / "trials" / t.name)
+        if t.name not in done and summary is not None:
+            done[t.name] = row_from_summary(base_rows[t.name], summary)
     return done
 
 

@@ -287,3 +287,15 @@ def test_trial_outcomes_ok_error_or_still_pending() -> None:
     assert (ok[S.STATUS], ok[S.EVAL_ACCURACY], ok[S.ROUNDS_COMPLETED]) == ("ok", 0.5, 2)
     assert (failed[S.STATUS], failed[S.ERROR]) == ("error", "privacy.delta=0.5: too big")
     assert (interrupted[S.STATUS], interrupted[S.ERROR]) == ("pending", None)
+
+
+def test_only_runs_that_finished_count_as_finished(tmp_path: Path) -> None:
+    done, failed, empty = tmp_path / "done", tmp_path / "failed", tmp_path / "empty"
+    for d in (done, failed, empty):
+        d.mkdir()
+    (done / "summary.json").write_text(json.dumps({"stop_reason": "privacy_budget"}))
+    (failed / "summary.json").write_text(json.dumps({"stop_reason": "error: worker died"}))
+
+    assert S._finished_summary(done) == {"stop_reason": "privacy_budget"}
+    assert S._finished_summary(failed) is None
+    assert S._finished_summary(empty) is None
