@@ -164,3 +164,30 @@ def test_analyze_the_sweep(
         assert f"](plots/{name}.png)" in report
     assert not (out / "plots" / "accuracy_vs_clients.png").exists()  # clients not swept
     assert "report:" in capsys.readouterr().out
+
+
+def test_trial_with_worker_actors_in_its_placement_group(
+    ray_session: object, tmp_path: Path
+) -> None:
+    doc = {
+        "base": str(ROOT / "configs" / "tiny.yaml"),
+        "overrides": {
+            "runtime.backend": "actors",
+            "runtime.num_workers": 2,
+            "runtime.cpus_per_worker": 0.5,
+            "federation.rounds": 1,
+            "data.test_size": 30,
+        },
+        "space": {"lora.r": [2]},
+        "resources": {"cpu": 0.5},
+    }
+    path = tmp_path / "actors.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    spec = S.load_sweep(path)
+    assert S.trial_resources(spec, S.expand_trials(spec)[0].config) == [{"CPU": 0.5}] * 3
+
+    df = S.run_sweep(spec, tmp_path / "out", verbose=0)
+
+    assert df[S.STATUS].tolist() == ["ok"], df[S.ERROR].tolist()
+    clients = R.load_run(df[S.TRIAL_DIR].iloc[0])["clients"]
+    assert sorted(clients[R.WORKER].unique()) == [0, 1]  # both worker actors trained
