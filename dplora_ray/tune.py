@@ -827,7 +827,7 @@ def run_sweep(
             (not run, interrupted, failed) run again.
         overwrite: replace a non-empty ``out_dir``.
         num_cpus: CPUs of a locally started Ray (default: all).
-        verbose: Tune's verbosity (0 silent, 1 status table, 2 + every result).
+        verbose: 0 silent, 1 Tune's status table (every 30 s and at the end).
 
     Returns:
         The sweep table (also in ``DIR/sweep.parquet``).
