@@ -31,6 +31,7 @@ import yaml
 from dplora_ray.errors import ConfigError
 
 __all__ = [
+    "AuditConfig",
     "DataConfig",
     "ExperimentConfig",
     "FederationConfig",
@@ -308,6 +309,57 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """Empirical privacy audit (issue 8; see docs/audit.md). Off by default.
+
+    When enabled, the run plants canaries in the clients' data before the privacy plan is
+    made, and after the last round measures what leaks: the exposure of secret canaries
+    (Carlini et al. 2019), membership inference (Yeom et al. 2018, and calibrated by the
+    base model), and an empirical lower bound on epsilon with Clopper-Pearson intervals
+    (Jagielski et al. 2020; Nasr et al. 2021), reported next to the accountant's epsilon.
+
+    Attributes:
+        enabled: run the audit.
+        canaries: secret canaries ("my account number is <digits>", each with a random
+            label), each inserted ``repeats`` times.
+        repeats: copies of each secret canary in its client's data.
+        canary_clients: clients that hold the secret canaries (the most often sampled).
+        secret_digits: digits of a secret (the candidate space has 10^digits secrets).
+        candidates: secrets sampled from the candidate space to rank the true one.
+        mia_examples: natural training examples per side of the membership attack (this
+            many stay in training as members, as many are held out as non-members).
+        mia_canaries: random-label canaries per side (members inserted once each,
+            non-members never inserted); the population the epsilon bound relies on.
+        confidence: confidence of the epsilon lower bound.
+    """
+
+    enabled: bool = False
+    canaries: int = 8
+    repeats: int = 10
+    canary_clients: int = 1
+    secret_digits: int = 8
+    candidates: int = 1000
+    mia_examples: int = 100
+    mia_canaries: int = 100
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        for key in ("canaries", "mia_examples", "mia_canaries"):
+            _check(getattr(self, key) >= 0, f"audit.{key}", getattr(self, key),
+                   "must be an integer >= 0")
+        for key in ("repeats", "canary_clients", "candidates"):
+            _positive_int(f"audit.{key}", getattr(self, key))
+        _check(4 <= self.secret_digits <= 18, "audit.secret_digits", self.secret_digits,
+               "must be in [4, 18]")
+        _check(0.5 <= self.confidence < 1.0, "audit.confidence", self.confidence,
+               "must be in [0.5, 1)")
+        if self.enabled:
+            _check(self.canaries + self.mia_examples + self.mia_canaries > 0,
+                   "audit.canaries", self.canaries,
+                   "audit.enabled needs canaries, mia_examples or mia_canaries > 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment. ``seed`` is the one recorded seed all randomness splits from."""
 
@@ -317,6 +369,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -333,6 +386,7 @@ _SECTIONS: dict[str, type] = {
     "federation": FederationConfig,
     "privacy": PrivacyConfig,
     "runtime": RuntimeConfig,
+    "audit": AuditConfig,
 }
 
 
