@@ -1,7 +1,9 @@
 """Command line: ``dplora-ray`` / ``python -m dplora_ray``.
 
 Every user error (:class:`~dplora_ray.errors.DpLoraError`) ends with exit code 2 and one
-line on stderr naming the key and the value; no traceback.
+line on stderr naming the key and the value; no traceback. A run that ends early for
+another reason (:class:`~dplora_ray.errors.RunFailedError`, e.g. a lost worker under
+``runtime.on_client_failure=fail``) ends with exit code 1 and one line.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dplora_ray.errors import DpLoraError
+from dplora_ray.errors import DpLoraError, RunFailedError
 
 __all__ = ["build_parser", "main"]
 
@@ -25,9 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dplora-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="run one federated experiment")
-    p.add_argument("config", help="YAML config file")
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config file (optional with --resume)")
     _add_run_args(p)
-    p.set_defaults(func=_cmd_train)
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run in DIR from its last checkpoint (config read from "
+                        "DIR/config.yaml; a given CONFIG/--set must match it outside "
+                        "runtime.*)")
+    p.set_defaults(func=_cmd_train, parser=p)
 
     p = sub.add_parser("demo", help="DP-LoRA on SmolLM2-135M with VADER sentiment "
                                     "(configs/demo.yaml)")
@@ -65,15 +72,15 @@ def _default_out(config_path: str) -> str:
     return str(Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _run(config_path: str, args: argparse.Namespace) -> int:
+def _run(config_path: str, args: argparse.Namespace, resume: str | None = None) -> int:
     import json
 
     from dplora_ray.config import load_config
     from dplora_ray.federated.runner import run_experiment
 
     cfg = load_config(config_path, args.overrides)
-    out = args.out or _default_out(config_path)
-    summary = run_experiment(cfg, out, overwrite=args.overwrite,
+    out = resume or args.out or _default_out(config_path)
+    summary = run_experiment(cfg, out, overwrite=args.overwrite, resume=resume is not None,
                              progress=not args.no_progress)
     eps = summary["epsilon"]
     eps_text = (f"epsilon {eps:.3f} at delta {summary['delta']:g} "
@@ -93,7 +100,28 @@ def _run(config_path: str, args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    return _run(args.config, args)
+    from pathlib import Path
+
+    from dplora_ray.errors import OutputError
+
+    if args.resume is None:
+        if args.config is None:  # a usage error: exit 2 via argparse
+            args.parser.error("the following arguments are required: config "
+                              "(or --resume DIR)")
+        return _run(args.config, args)
+    run_dir = Path(args.resume)
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+        raise OutputError("--out", args.out, f"differs from --resume {args.resume!r}; "
+                          "a resumed run writes into the folder it resumes")
+    if args.overwrite:
+        raise OutputError("--overwrite", True, "cannot be combined with --resume")
+    saved = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise OutputError("--resume", args.resume, "no such folder")
+    if not saved.is_file():
+        raise OutputError("--resume", args.resume,
+                          "holds no dplora-ray run (no config.yaml); nothing to resume")
+    return _run(args.config or str(saved), args, resume=args.resume)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -119,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except RunFailedError as exc:  # not bad input: the run itself ended early
+        print(f"dplora-ray: run failed: {exc}", file=sys.stderr)
+        return 1
     except DpLoraError as exc:
         print(f"dplora-ray: error: {exc}", file=sys.stderr)
         return 2

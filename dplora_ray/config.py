@@ -282,6 +282,18 @@ class RuntimeConfig:
         torch_threads: intra-op threads per worker (None: max(1, floor(cpus_per_worker))).
         bf16_autocast: run forward/backward under bfloat16 autocast (faster on CPUs with
             bf16 support; LoRA tensors and updates stay float32).
+        on_client_failure: what happens to a client whose worker died during its round
+            work: ``retry`` (re-run it with the same RNG stream, so the result is the one
+            it would have produced), ``drop`` (aggregate without it) or ``fail`` (end
+            the run with an error; the results so far are written). A dropped client is
+            still charged in the privacy ledger.
+        round_timeout_s: bound on a round's client work in seconds (None: no bound);
+            clients whose result is not back in time are dropped (and charged).
+        max_worker_restarts: times Ray restarts a dead worker actor; also the number of
+            times one client's lost work is re-run in a round under ``retry``.
+        kill_worker_at_round: fault injection: worker 0 kills its own process
+            (``os._exit(1)``) when it starts its work of this round, on the first
+            attempt only (the ``inline`` backend simulates the loss). None: off.
     """
 
     backend: Literal["actors", "inline"] = "actors"
@@ -291,9 +303,21 @@ class RuntimeConfig:
     address: str | None = None
     torch_threads: int | None = None
     bf16_autocast: bool = False
+    on_client_failure: Literal["retry", "drop", "fail"] = "retry"
+    round_timeout_s: float | None = None
+    max_worker_restarts: int = 3
+    kill_worker_at_round: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("runtime.num_workers", self.num_workers)
+        if self.round_timeout_s is not None:
+            _check(math.isfinite(self.round_timeout_s) and self.round_timeout_s > 0,
+                   "runtime.round_timeout_s", self.round_timeout_s,
+                   "must be a number of seconds > 0 (or null for no bound)")
+        _check(self.max_worker_restarts >= 0, "runtime.max_worker_restarts",
+               self.max_worker_restarts, "must be an integer >= 0")
+        if self.kill_worker_at_round is not None:
+            _positive_int("runtime.kill_worker_at_round", self.kill_worker_at_round)
         _check(self.cpus_per_worker > 0, "runtime.cpus_per_worker", self.cpus_per_worker,
                "must be > 0 (fractional allowed)")
         _check(self.gpus_per_worker >= 0, "runtime.gpus_per_worker", self.gpus_per_worker,
@@ -377,6 +401,10 @@ class ExperimentConfig:
         if self.federation.partition == "natural" and self.data.recipe == "custom":
             _check(self.data.group_column is not None, "data.group_column", None,
                    "is required by federation.partition='natural'")
+        kill = self.runtime.kill_worker_at_round
+        if kill is not None:
+            _check(kill <= self.federation.rounds, "runtime.kill_worker_at_round", kill,
+                   f"must be <= federation.rounds (={self.federation.rounds})")
 
 
 _SECTIONS: dict[str, type] = {

@@ -19,6 +19,7 @@ __all__ = [
     "OutputError",
     "PreflightError",
     "PrivacyError",
+    "RunFailedError",
 ]
 
 
@@ -74,3 +75,9 @@ class PreflightError(PrivacyError):
 
 class BudgetExceededError(PrivacyError):
     """A step would push epsilon past ``privacy.max_epsilon``."""
+
+
+class RunFailedError(DpLoraError):
+    """A run ended early for a reason other than bad input (e.g. a client worker died
+    under ``runtime.on_client_failure='fail'``); the results so far are written and
+    ``summary.json`` says ``stop_reason: "error: ..."``. The command line exits with 1."""

@@ -124,16 +124,51 @@ class Aggregator:
         """
         results = sorted((r for rs in worker_results for r in rs), key=lambda r: r.client_id)
         accepted = [r for r in results if r.update is not None]
+        self.step(server_round, noise_multiplier, expected_cohort,
+                  [r.num_examples for r in accepted], *[r.update for r in accepted])
+        return {"state": self.state, "results": results, "num_accepted": len(accepted)}
+
+    def step(self, server_round: int, noise_multiplier: float, expected_cohort: float,
+             num_examples: Sequence[int], *updates: Mapping[str, torch.Tensor]) -> int:
+        """Aggregate the accepted ``updates`` of one round (in client-id order, with the
+        clients' example counts) and step the global state; returns how many were used.
+
+        The updates are the LoRA tensors the clients sent, nothing else (Ray resolves
+        them when passed as top-level ObjectRefs).
+        """
+        if len(num_examples) != len(updates):
+            raise ValueError(f"{len(updates)} updates but {len(num_examples)} example counts")
         if self.strategy == "dp_fedavg":
-            agg = dp_fedavg([r.update for r in accepted], self.state, self.clipping_norm,
-                            noise_multiplier, expected_cohort,
-                            self._noise_generator(server_round))
-        elif not accepted:
+            agg = dp_fedavg(list(updates), self.state, self.clipping_norm, noise_multiplier,
+                            expected_cohort, self._noise_generator(server_round))
+        elif not updates:
             agg = None
         elif self.strategy == "fedavg":
-            agg = fedavg([r.update for r in accepted], [r.num_examples for r in accepted])
+            agg = fedavg(list(updates), list(num_examples))
         else:
-            agg = unweighted_mean([r.update for r in accepted])
+            agg = unweighted_mean(list(updates))
         if agg is not None:
             self.state = {k: v + self.server_lr * agg[k] for k, v in self.state.items()}
-        return {"state": self.state, "results": results, "num_accepted": len(accepted)}
+        return len(updates)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What a resumed run needs: the global state and the server optimizer's state.
+
+        The server optimizer is FedAvg with a server learning rate: it has no state of
+        its own (the dict is there so that a stateful optimizer has a place to put it).
+        The noise generator is a function of (run seed, round), so it needs no state.
+        """
+        return {"global_state": {k: v.clone() for k, v in self.state.items()},
+                "server_optimizer": {"name": "fedavg", "strategy": self.strategy,
+                                     "server_learning_rate": self.server_lr, "state": {}}}
+
+    def restore(self, checkpoint: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint` (keys and shapes must match the current state)."""
+        state = checkpoint["global_state"]
+        if sorted(state) != sorted(self.state):
+            raise ValueError("checkpoint's LoRA keys differ from the aggregator's")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(self.state[k].shape):
+                raise ValueError(f"checkpoint tensor {k}: shape {tuple(v.shape)} != "
+                                 f"{tuple(self.state[k].shape)}")
+        self.set_state(state)

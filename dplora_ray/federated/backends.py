@@ -1,42 +1,176 @@
 """Where client workers and the aggregator run: in this process, or as Ray actors.
 
-Both backends expose the same three calls, so the runner is written once:
-``submit(handle, method, *args)`` returns a future, ``get(futures)`` resolves them, and
-``put(value)`` shares a large object once (Ray's object store, or the value itself).
-Futures may be passed as top-level arguments to later calls (Ray resolves them).
+Both backends expose the same calls, so the runner is written once:
+
+* ``submit(handle, method, *args)`` returns a future and ``get(futures)`` resolves it;
+  ``put(value)`` shares a large object once (Ray's object store, or the value itself).
+  Futures may be passed as top-level arguments to later calls (Ray resolves them).
+* ``submit_client(worker, state, job, server_round, attempt)`` starts one client's round
+  work and returns two futures: the client's metrics (a ``ClientResult`` without its
+  update) and its update (the LoRA tensors, or None when rejected). The runner only ever
+  reads the first; the second goes straight to the aggregator.
+* ``wait(futures, timeout)`` returns the futures that are ready (at least one, or none
+  once ``timeout`` seconds have passed); ``result(future)`` gives a client's metrics or
+  raises :class:`WorkerLost` when the worker died while doing that work.
+* ``restart_worker(i)`` ends whatever worker ``i`` is doing (Ray restarts the actor).
+
+Failures: worker actors are started with ``max_restarts=runtime.max_worker_restarts``;
+when one dies, Ray starts it again (its ``__init__`` reloads the base model) and every
+call that was running or queued on it fails with :class:`WorkerLost`; the runner's
+``runtime.on_client_failure`` policy decides what happens to that work. The ``inline``
+backend cannot lose its only worker without ending the run, so its fault injection is
+simulated: the call fails with :class:`WorkerLost` as if the worker had died.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import torch
+
 from dplora_ray.config import ExperimentConfig, config_to_dict
+from dplora_ray.errors import DpLoraError
 from dplora_ray.federated.aggregator import Aggregator
-from dplora_ray.federated.client import ClientWorker
+from dplora_ray.federated.client import ClientJob, ClientResult, ClientWorker
 from dplora_ray.federated.encoding import EncodedData
 
-__all__ = ["ActorBackend", "InlineBackend", "make_backend"]
+__all__ = ["ActorBackend", "InlineBackend", "RuntimeWorker", "WorkerLost", "make_backend"]
 
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "DPLORA_RAY_CACHE",
                   "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TRANSFORMERS_VERBOSITY")
 
 
-class _Done:
-    __slots__ = ("value",)
+class WorkerLost(Exception):
+    """The worker doing a call died (or was restarting) before the call returned.
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    ``permanent``: Ray will not start it again (``max_worker_restarts`` used up).
+    """
+
+    def __init__(self, reason: str, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.permanent))
+
+
+class _SimulatedDeath(Exception):
+    """Fault injection on the inline backend: stands for ``os._exit(1)``."""
+
+
+class RuntimeWorker(ClientWorker):
+    """A :class:`ClientWorker` with the calls the runtime needs.
+
+    ``run_client`` splits a client's result into what the driver may read (metrics) and
+    what only the aggregator receives (the LoRA update), and carries the fault injection
+    hook (``runtime.kill_worker_at_round``); ``evaluate_chunks`` scores fixed batches.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any] | ExperimentConfig,
+                 data: EncodedData | list[Any], worker_index: int = 0,
+                 in_process: bool = False) -> None:
+        if isinstance(data, list):  # [ObjectRef]: fetched here, so a restart can refetch
+            import ray
+
+            data = ray.get(data[0])
+        super().__init__(cfg, data, worker_index)
+        self._in_process = in_process
+        self._fault_fired = False
+
+    def _restarted(self) -> bool:
+        if self._in_process:
+            return self._fault_fired
+        import warnings
+
+        import ray
+
+        with warnings.catch_warnings():  # Ray 2.60 warns from inside this property
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+    def _maybe_die(self, server_round: int, attempt: int) -> None:
+        kill = self.cfg.runtime.kill_worker_at_round
+        if (kill is None or kill != server_round or self.worker_index != 0 or attempt != 0
+                or self._restarted()):
+            return
+        self._fault_fired = True
+        if self._in_process:
+            raise _SimulatedDeath(f"fault injection: worker 0 killed at round {server_round}")
+        os._exit(1)  # fault injection: the worker process dies here, Ray restarts it
+
+    def run_client(self, global_state: Mapping[str, torch.Tensor], job: ClientJob,
+                   server_round: int, attempt: int
+                   ) -> tuple[ClientResult, dict[str, torch.Tensor] | None]:
+        """One client's round work: (metrics without the update, the update)."""
+        self._maybe_die(server_round, attempt)
+        result = self.train_client(global_state, job)
+        return dataclasses.replace(result, update=None), result.update
+
+    def evaluate_chunks(self, state: Mapping[str, torch.Tensor],
+                        chunks: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per-example loss and prediction for each chunk, each chunk scored as exactly
+        one batch (so the numbers do not depend on which worker got which chunk)."""
+        return [self.evaluate(state, c, batch_size=max(1, len(c))) for c in chunks]
+
+    # ---- issue 8 (privacy audit): label log-probabilities of planted sequences
+    def audit_scores(self, state: Mapping[str, torch.Tensor],
+                     chunks: Sequence[Any]) -> list[np.ndarray]:
+        """See :func:`dplora_ray.audit.scoring.score_chunks`."""
+        from dplora_ray.audit.scoring import score_chunks
+
+        return score_chunks(self, state, chunks)
+
+
+# ------------------------------------------------------------------------- inline
+class _Call:
+    """A call of the inline backend, run when first resolved (or right away)."""
+
+    __slots__ = ("_done", "_error", "_fn", "_value")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def resolve(self) -> Any:
+        if not self._done:
+            try:
+                self._value = self._fn()
+            except Exception as exc:  # kept, re-raised by every resolve()
+                self._error = exc
+            self._done = True
+            self._fn = None  # type: ignore[assignment]
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _resolve_args(args: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(a.resolve() if isinstance(a, _Call) else a for a in args)
 
 
 class InlineBackend:
-    """One worker and the aggregator as plain objects in this process."""
+    """One worker and the aggregator as plain objects in this process.
+
+    Client work runs lazily, in submission order, when the runner waits for it, so a
+    round's time bound applies: work not started by the deadline is not started.
+    """
 
     name = "inline"
 
     def __init__(self, cfg: ExperimentConfig, data: EncodedData) -> None:
-        self.workers = [ClientWorker(cfg, data, 0)]
+        self.workers = [RuntimeWorker(cfg, data, 0, in_process=True)]
 
     def make_aggregator(self, **kwargs: Any) -> Aggregator:
         return Aggregator(**kwargs)
@@ -44,23 +178,65 @@ class InlineBackend:
     def put(self, value: Any) -> Any:
         return value
 
-    def submit(self, handle: Any, method: str, *args: Any) -> _Done:
-        args = tuple(a.value if isinstance(a, _Done) else a for a in args)
-        return _Done(getattr(handle, method)(*args))
+    def submit(self, handle: Any, method: str, *args: Any) -> _Call:
+        call = _Call(lambda: getattr(handle, method)(*_resolve_args(args)))
+        try:
+            call.resolve()
+        except Exception:  # noqa: S110 - re-raised by get()
+            pass
+        return call
 
-    def get(self, futures: Sequence[_Done] | _Done) -> Any:
-        if isinstance(futures, _Done):
-            return futures.value
-        return [f.value for f in futures]
+    def submit_client(self, worker: int, state: Any, job: ClientJob, server_round: int,
+                      attempt: int) -> tuple[_Call, _Call]:
+        handle = self.workers[worker]
+        both = _Call(lambda: handle.run_client(*_resolve_args((state,)), job, server_round,
+                                               attempt))
+        return _Call(lambda: both.resolve()[0]), _Call(lambda: both.resolve()[1])
+
+    def wait(self, futures: Sequence[_Call], timeout: float | None) -> list[_Call]:
+        ready = [f for f in futures if f.done]
+        if ready:
+            return ready
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for f in futures:
+            if deadline is not None and time.monotonic() >= deadline:
+                return []
+            try:
+                f.resolve()
+            except Exception:  # noqa: S110 - surfaced by result()
+                pass
+            if deadline is not None and time.monotonic() > deadline:
+                return []  # finished, but late
+            return [f]
+        return []
+
+    def result(self, future: _Call) -> ClientResult:
+        try:
+            return future.resolve()
+        except _SimulatedDeath as exc:
+            raise WorkerLost(str(exc)) from None
+
+    def get(self, futures: Sequence[_Call] | _Call) -> Any:
+        try:
+            if isinstance(futures, _Call):
+                return futures.resolve()
+            return [f.resolve() for f in futures]
+        except _SimulatedDeath as exc:
+            raise WorkerLost(str(exc)) from None
+
+    def restart_worker(self, worker: int) -> None:
+        """Nothing runs in the background inline: late work was never started."""
 
     def shutdown(self) -> None:
         self.workers = []
 
 
+# ------------------------------------------------------------------------- Ray
 class ActorBackend:
-    """``runtime.num_workers`` ClientWorker actors (each loads the base model once) and
-    one aggregator actor, on an embedded local Ray or the cluster at ``runtime.address``.
-    Actors are started once per experiment and reused for every round."""
+    """``runtime.num_workers`` worker actors (each loads the base model once) and one
+    aggregator actor, on an embedded local Ray or the cluster at ``runtime.address``.
+    Actors are started once per experiment and reused for every round; a worker that
+    dies is restarted by Ray up to ``runtime.max_worker_restarts`` times."""
 
     name = "actors"
 
@@ -84,17 +260,26 @@ class ActorBackend:
             self.started_ray = True
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        remote = ray.remote(ClientWorker).options(
+        remote = ray.remote(RuntimeWorker).options(
             num_cpus=cfg.runtime.cpus_per_worker, num_gpus=cfg.runtime.gpus_per_worker,
+            max_restarts=cfg.runtime.max_worker_restarts, max_task_retries=0,
             runtime_env={"env_vars": env} if env else None)
         self._data_ref = ray.put(data)
         cfg_dict = config_to_dict(cfg)
-        self.workers = [remote.remote(cfg_dict, self._data_ref, i)
+        self.aggregator: Any = None
+        # the data travels as a reference nested in a list: Ray keeps it alive while the
+        # driver holds it, and a restarted worker fetches it again in its __init__
+        self.workers = [remote.remote(cfg_dict, [self._data_ref], i)
                         for i in range(cfg.runtime.num_workers)]
-        self.get([self.submit(w, "ping") for w in self.workers])  # fail fast on start-up
+        try:
+            self.get([self.submit(w, "ping") for w in self.workers])  # fail fast on start-up
+        except BaseException:
+            self.shutdown()
+            raise
 
     def make_aggregator(self, **kwargs: Any) -> Any:
-        return self.ray.remote(Aggregator).options(num_cpus=0).remote(**kwargs)
+        self.aggregator = self.ray.remote(Aggregator).options(num_cpus=0).remote(**kwargs)
+        return self.aggregator
 
     def put(self, value: Any) -> Any:
         return self.ray.put(value)
@@ -102,12 +287,52 @@ class ActorBackend:
     def submit(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method).remote(*args)
 
+    def submit_client(self, worker: int, state: Any, job: ClientJob, server_round: int,
+                      attempt: int) -> tuple[Any, Any]:
+        call = self.workers[worker].run_client.options(num_returns=2)
+        meta, update = call.remote(state, job, server_round, attempt)
+        return meta, update
+
+    def wait(self, futures: Sequence[Any], timeout: float | None) -> list[Any]:
+        ready, _ = self.ray.wait(list(futures), num_returns=1, timeout=timeout)
+        return ready
+
+    def _unwrap(self, exc: BaseException) -> BaseException:
+        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+        if isinstance(exc, RayActorError):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first.split(". The task may or may not")[0]
+            return WorkerLost(f"{type(exc).__name__}: {first[:160]}",
+                              permanent=isinstance(exc, ActorDiedError))
+        if isinstance(exc, RayTaskError):
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, (DpLoraError, WorkerLost)):
+                return cause
+        return exc
+
+    def result(self, future: Any) -> ClientResult:
+        return self.get(future)
+
     def get(self, futures: Any) -> Any:
-        return self.ray.get(futures)
+        try:
+            return self.ray.get(futures)
+        except Exception as exc:
+            unwrapped = self._unwrap(exc)
+            if unwrapped is exc:
+                raise
+            raise unwrapped from None
+
+    def restart_worker(self, worker: int) -> None:
+        """End whatever worker ``worker`` is running (Ray starts it again)."""
+        self.ray.kill(self.workers[worker], no_restart=False)
 
     def shutdown(self) -> None:
         for w in self.workers:
             self.ray.kill(w)
+        if self.aggregator is not None:
+            self.ray.kill(self.aggregator)
+            self.aggregator = None
         self.workers = []
         if self.started_ray:
             self.ray.shutdown()
