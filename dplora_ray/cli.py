@@ -79,6 +79,10 @@ def _run(config_path: str, args: argparse.Namespace, resume: str | None = None) 
     from dplora_ray.federated.runner import run_experiment
 
     cfg = load_config(config_path, args.overrides)
+    if cfg.data.recipe == "custom":  # keep stderr to our own lines (one line on bad input)
+        import datasets
+
+        datasets.disable_progress_bars()
     out = resume or args.out or _default_out(config_path)
     summary = run_experiment(cfg, out, overwrite=args.overwrite, resume=resume is not None,
                              progress=not args.no_progress)
