@@ -113,10 +113,18 @@ class DataConfig:
 
     Attributes:
         recipe: ``vader`` (the demo: VADER's human-rated sentiment corpora),
-            ``synthetic`` (generated sentiment-like data for tests), or ``custom``
-            (``path`` + column mapping).
-        path: local CSV/JSON/JSONL/Parquet file or folder, or a hub id (``custom``).
-        task: ``sentiment3`` (negative/neutral/positive), ``yesno``, ``yesnomaybe``.
+            ``synthetic`` (generated sentiment-like data for tests), ``custom``
+            (``path`` + column mapping), or one of the DP-LoRA paper's data sets
+            (``fpb``, ``tfns``, ``pubmedqa``; ``medquad`` and ``piqa`` load but need task
+            types the engine does not run yet); see :mod:`dplora_ray.data.recipes`.
+        path: local CSV/JSON/JSONL/Parquet file or folder, or a hub id (``custom``);
+            for the paper recipes a local copy (file, its folder, or a data root laid out
+            like ``$DPLORA_DATA_DIR``) or a hub id replacing the recipe's default.
+        task: ``sentiment3`` (negative/neutral/positive), ``fin_sentiment`` (the same
+            labels, financial-news prompt), ``yesno``, ``yesnomaybe``; ``qa_generation``
+            and ``multiple_choice`` name the task types of ``medquad`` and ``piqa``.
+        subset: a recipe's variant (``fpb``: the annotator agreement level ``50agree``
+            (default), ``66agree``, ``75agree`` or ``allagree``); None: the default.
         text_column / label_column / group_column: column mapping for ``custom`` data
             (``group_column`` feeds the ``natural`` partition).
         label_map: raw label value -> label name of the task (``custom`` only).
@@ -127,9 +135,12 @@ class DataConfig:
             cache folder).
     """
 
-    recipe: Literal["vader", "synthetic", "custom"] = "synthetic"
+    recipe: Literal["vader", "synthetic", "custom", "fpb", "tfns", "pubmedqa", "medquad",
+                    "piqa"] = "synthetic"
     path: str | None = None
-    task: Literal["sentiment3", "yesno", "yesnomaybe"] = "sentiment3"
+    task: Literal["sentiment3", "fin_sentiment", "yesno", "yesnomaybe", "qa_generation",
+                  "multiple_choice"] = "sentiment3"
+    subset: str | None = None
     text_column: str = "text"
     label_column: str = "label"
     group_column: str | None = None
