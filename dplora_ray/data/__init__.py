@@ -14,16 +14,18 @@ Invariants:
     * Bad data raises :class:`~dplora_ray.errors.DataError` (one line naming the config
       key and the value).
     * Imports neither Ray nor peft; ``datasets`` is imported only when a ``custom``
-      data set is loaded.
+      data set, or a paper recipe from the Hugging Face hub, is loaded.
 """
 
 from __future__ import annotations
 
 from dplora_ray.data.loading import LoadedData, cache_dir, load_data
 from dplora_ray.data.partition import label_histogram, partition_indices
+from dplora_ray.data.recipes import PAPER_RECIPES, load_examples
 from dplora_ray.data.tasks import TASKS, Task, get_task
 
 __all__ = [
+    "PAPER_RECIPES",
     "TASKS",
     "LoadedData",
     "Task",
@@ -31,5 +33,6 @@ __all__ = [
     "get_task",
     "label_histogram",
     "load_data",
+    "load_examples",
     "partition_indices",
 ]

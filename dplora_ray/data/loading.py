@@ -15,10 +15,20 @@ Recipes (explicit registry :data:`RECIPES`):
   them (read with ``datasets.load_dataset``), or a Hugging Face hub id; the columns are
   mapped with ``data.text_column``, ``data.label_column``, ``data.group_column`` and
   ``data.label_map``.
+* ``fpb``, ``tfns``, ``pubmedqa``: the DP-LoRA paper's classification data sets
+  (:mod:`dplora_ray.data.recipes`: local copies, ``$DPLORA_DATA_DIR`` or the hub).
+  ``medquad`` (generation) and ``piqa`` (multiple choice) are refused here with a
+  one-line DataError: the engine runs classification only; their frames come from
+  :func:`~dplora_ray.data.recipes.load_examples`.
 
 Then the global test split is held out (``data.test_size`` examples, balanced over the
 labels when ``data.balanced_test``) and what is left is the training pool, capped at
-``data.max_train_examples``.
+``data.max_train_examples``. A data set with an official test split (``tfns``,
+``pubmedqa`` from a local copy) takes its test examples from that split only: all of it
+when ``data.test_size`` covers it (and ``data.balanced_test`` is false), else a seeded
+draw of ``data.test_size`` (balanced over the labels when ``data.balanced_test``); the
+official test examples left over are not trained on, and the training pool is the
+official training split.
 
 Invariants:
     * :func:`load_data` is deterministic given the config and the seed. The randomness
@@ -54,7 +64,8 @@ import numpy as np
 import pandas as pd
 
 from dplora_ray.config import DataConfig
-from dplora_ray.data.tasks import Task, get_task
+from dplora_ray.data.recipes import PAPER_RECIPES, SPLIT_TEST, SPLIT_TRAIN, load_examples
+from dplora_ray.data.tasks import ENGINE_TASK_TYPES, Task, get_task
 from dplora_ray.errors import DataError
 
 __all__ = [
@@ -178,16 +189,27 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
     ``cfg.max_train_examples`` by a seeded random choice.
 
     Raises:
-        DataError: unknown task or recipe, unreadable or empty data, a missing column, a
+        DataError: unknown task or recipe, a recipe whose task type the engine does not
+            run (``medquad``, ``piqa``), unreadable or empty data, a missing column, a
             label outside the task, or a split left empty.
     """
+    spec = PAPER_RECIPES.get(cfg.recipe)
+    if spec is not None and spec.task_type not in ENGINE_TASK_TYPES:
+        raise DataError(
+            "data.recipe",
+            cfg.recipe,
+            f"needs task type {spec.task_type}, not supported by the engine yet",
+        )
     task = get_task(cfg.task)
     if cfg.recipe not in RECIPES:
         raise DataError(
             "data.recipe", cfg.recipe, f"unknown recipe; choose one of {', '.join(sorted(RECIPES))}"
         )
     pool = RECIPES[cfg.recipe](cfg, task)
-    train_idx, test_idx = _split(pool["label"].to_numpy(), task, cfg, seed)
+    if "split" in pool.columns and (pool["split"] == SPLIT_TEST).any():
+        train_idx, test_idx = _official_split(pool, task, cfg, seed)
+    else:
+        train_idx, test_idx = _split(pool["label"].to_numpy(), task, cfg, seed)
     return LoadedData(task=task, train=_take(pool, train_idx), test=_take(pool, test_idx))
 
 
@@ -199,32 +221,74 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(tag,)))
 
 
+def _balanced_draw(
+    labels: np.ndarray,
+    candidates: np.ndarray,
+    task: Task,
+    cfg: DataConfig,
+    rng: np.random.Generator,
+    where: str,
+) -> np.ndarray:
+    """``test_size // num_labels`` of each label among ``candidates`` (sorted)."""
+    per_label = cfg.test_size // task.num_labels
+    if per_label == 0:
+        raise DataError(
+            "data.test_size",
+            cfg.test_size,
+            f"too small for a balanced test split over {task.num_labels} "
+            "labels (set data.balanced_test=false or raise it)",
+        )
+    chosen = []
+    for label, name in enumerate(task.label_names):
+        idx = candidates[labels[candidates] == label]
+        if len(idx) < per_label:
+            raise DataError(
+                "data.test_size",
+                cfg.test_size,
+                f"a balanced test split needs {per_label} examples of label "
+                f"{name!r}, but {where} has {len(idx)}",
+            )
+        chosen.append(rng.choice(idx, per_label, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _cap(train: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarray:
+    cap = cfg.max_train_examples
+    if cap is not None and len(train) > cap:
+        return np.sort(_rng(seed, "train_cap").choice(train, cap, replace=False))
+    return train
+
+
+def _official_split(
+    pool: pd.DataFrame, task: Task, cfg: DataConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Test examples from the data set's own test split only (see the module doc)."""
+    split = pool["split"].to_numpy()
+    labels = pool["label"].to_numpy()
+    odd = set(pd.unique(split)) - {SPLIT_TRAIN, SPLIT_TEST}
+    if odd:  # a recipe bug, not user input
+        raise ValueError(f"recipe {cfg.recipe!r}: split values {sorted(odd)}")
+    candidates = np.flatnonzero(split == SPLIT_TEST)
+    train = np.flatnonzero(split == SPLIT_TRAIN)
+    rng = _rng(seed, "test_split")
+    if cfg.balanced_test:
+        test = _balanced_draw(labels, candidates, task, cfg, rng, "the official test split")
+    elif cfg.test_size < len(candidates):
+        test = np.sort(rng.choice(candidates, cfg.test_size, replace=False))
+    else:
+        test = candidates
+    if len(train) == 0:
+        raise DataError("data.recipe", cfg.recipe, "its training split is empty")
+    return _cap(train, cfg, seed), test
+
+
 def _split(
     labels: np.ndarray, task: Task, cfg: DataConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     n = len(labels)
     rng = _rng(seed, "test_split")
     if cfg.balanced_test:
-        per_label = cfg.test_size // task.num_labels
-        if per_label == 0:
-            raise DataError(
-                "data.test_size",
-                cfg.test_size,
-                f"too small for a balanced test split over {task.num_labels} "
-                "labels (set data.balanced_test=false or raise it)",
-            )
-        chosen = []
-        for label, name in enumerate(task.label_names):
-            idx = np.flatnonzero(labels == label)
-            if len(idx) < per_label:
-                raise DataError(
-                    "data.test_size",
-                    cfg.test_size,
-                    f"a balanced test split needs {per_label} examples of label "
-                    f"{name!r}, but the data has {len(idx)}",
-                )
-            chosen.append(rng.choice(idx, per_label, replace=False))
-        test = np.sort(np.concatenate(chosen))
+        test = _balanced_draw(labels, np.arange(n), task, cfg, rng, "the data")
     else:
         if cfg.test_size >= n:
             raise DataError(
@@ -238,10 +302,7 @@ def _split(
         raise DataError(
             "data.test_size", cfg.test_size, f"leaves no training examples (the data has {n})"
         )
-    cap = cfg.max_train_examples
-    if cap is not None and len(train) > cap:
-        train = np.sort(_rng(seed, "train_cap").choice(train, cap, replace=False))
-    return train, test
+    return _cap(train, cfg, seed), test
 
 
 def _take(pool: pd.DataFrame, idx: np.ndarray) -> pd.DataFrame:
@@ -725,8 +786,24 @@ def _load_custom(cfg: DataConfig, task: Task) -> pd.DataFrame:
     return _frame(raw[cfg.text_column].tolist(), labels, groups)
 
 
+def _load_paper(cfg: DataConfig, task: Task) -> pd.DataFrame:
+    """A paper classification recipe (:mod:`dplora_ray.data.recipes`): label names become
+    indices into ``task.label_names``; the ``split`` column is kept for the test split."""
+    frame = load_examples(cfg)
+    index = {name: i for i, name in enumerate(task.label_names)}
+    unknown = sorted(set(frame["label"]) - set(index))
+    if unknown:  # a recipe/task mismatch that load_examples let through: a bug
+        raise ValueError(f"recipe {cfg.recipe!r}: labels {unknown} not in task {task.name!r}")
+    out = _frame(frame["text"], frame["label"].map(index), frame["group"])
+    out["split"] = frame["split"].to_numpy()
+    return out
+
+
 RECIPES: dict[str, Callable[[DataConfig, Task], pd.DataFrame]] = {
     "custom": _load_custom,
+    "fpb": _load_paper,
+    "pubmedqa": _load_paper,
     "synthetic": _load_synthetic,
+    "tfns": _load_paper,
     "vader": _load_vader,
 }
