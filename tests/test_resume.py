@@ -196,6 +196,7 @@ def test_run_killed_mid_round_resumes_to_the_uninterrupted_result(
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+        print(f"SIGKILL after {_rounds_done(out)} round(s) on disk")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -210,6 +211,12 @@ def test_run_killed_mid_round_resumes_to_the_uninterrupted_result(
             proc.stderr.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     killed_at = load_checkpoint(out)
+    # the killed driver's actors are gone: Ray gives their CPUs back
+    total = ray_session.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 60
+    while ray_session.available_resources().get("CPU", 0.0) < total:
+        assert time.monotonic() < deadline, "the killed run's actors linger"
+        time.sleep(0.2)
 
     # Assert: it really died in the middle of the run
     assert proc.returncode == -signal.SIGKILL
