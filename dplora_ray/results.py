@@ -34,6 +34,8 @@ TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
 EVAL_F1_MACRO = "eval_f1_macro"
+# support-weighted mean of per-label F1 (financial sentiment benchmarks report it)
+EVAL_F1_WEIGHTED = "eval_f1_weighted"
 NUM_CLIENTS_SAMPLED = "num_clients_sampled"
 NUM_CLIENTS_COMPLETED = "num_clients_completed"
 BYTES_UP = "bytes_up"
@@ -59,6 +61,7 @@ ROUND_SCHEMA = pa.schema([
     (EVAL_LOSS, pa.float64()),
     (EVAL_ACCURACY, pa.float64()),
     (EVAL_F1_MACRO, pa.float64()),
+    (EVAL_F1_WEIGHTED, pa.float64()),
     (NUM_CLIENTS_SAMPLED, pa.int64()),
     (NUM_CLIENTS_COMPLETED, pa.int64()),
     (BYTES_UP, pa.int64()),
@@ -89,6 +92,7 @@ TIMING_COLUMNS: tuple[str, ...] = (ROUND_SECONDS, SECONDS)
 
 SUMMARY_KEYS: tuple[str, ...] = (
     "eval_accuracy_before", "eval_f1_macro_before", "eval_accuracy", "eval_f1_macro",
+    "eval_f1_weighted_before", "eval_f1_weighted",
     "epsilon", "delta", "noise_multiplier", "privacy_mode", "privacy_unit",
     "rounds_completed", "rounds_planned", "stop_reason", "bytes_up_total",
     "bytes_down_total", "wall_seconds", "trainable_parameters", "model",

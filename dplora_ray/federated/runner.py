@@ -692,7 +692,8 @@ class _Run:
             self.before = self.evaluate(backend.put(self.initial))
             self.last_eval = self.before
             self.say(f"eval before training: accuracy {self.before[1]:.4f}, macro-F1 "
-                     f"{self.before[2]:.4f}, loss {self.before[0]:.4f} "
+                     f"{self.before[2]:.4f}, weighted F1 {self.before[3]:.4f}, loss "
+                     f"{self.before[0]:.4f} "
                      f"({len(self.plan.data.test)} held-out examples)")
         else:
             self.restore(prior)
@@ -732,8 +733,9 @@ class _Run:
             self.ledger = PrivacyLedger.from_dict(ck["ledger"])
         self.rounds_rows = list(ck["rounds"])
         self.client_rows = list(ck["clients"])
-        self.before = tuple(ck["eval_before"])
-        self.last_eval = tuple(ck["last_eval"])
+        # (loss, accuracy, macro-F1) + weighted F1, kept apart (absent in older checkpoints)
+        self.before = (*ck["eval_before"], ck.get("eval_before_f1_weighted"))
+        self.last_eval = (*ck["last_eval"], ck.get("last_eval_f1_weighted"))
         self.stop_reason = ck["stop_reason"]
         self.done_rounds = int(ck["server_round"])
         self.finished = bool(ck["finished"])
@@ -770,8 +772,10 @@ class _Run:
                         for cohort in self.plan.cohorts[:self.done_rounds]],
             "rounds": _plain(self.rounds_rows),
             "clients": _plain(self.client_rows),
-            "eval_before": _plain(list(self.before)),
-            "last_eval": _plain(list(self.last_eval)),
+            "eval_before": _plain(list(self.before[:3])),
+            "last_eval": _plain(list(self.last_eval[:3])),
+            "eval_before_f1_weighted": _plain(self.before[3]),
+            "last_eval_f1_weighted": _plain(self.last_eval[3]),
             "wall_seconds": self.elapsed(),
         }
         _write_checkpoint_atomic(payload, self.out / CHECKPOINT_FILE)
@@ -782,8 +786,9 @@ class _Run:
         self.ledger.save(self.out / "ledger.json")
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, state_ref: Any) -> tuple[float, float, float]:
-        """Loss, accuracy, macro-F1 on the test split; fixed batches (see module doc).
+    def evaluate(self, state_ref: Any) -> tuple[float, float, float, float]:
+        """Loss, accuracy, macro-F1, weighted F1 on the test split; fixed batches (see
+        module doc).
 
         Batches are dealt round-robin to the workers that are up; a lost worker's
         batches move on to the next one (evaluation spends no privacy)."""
@@ -818,9 +823,11 @@ class _Run:
                 if losses_left < 0:
                     raise RunFailedError("evaluation failed: client workers kept dying")
                 todo = {self.pool.usable()[0]: sorted(retry)}
-        y = test.labels
-        return (float(losses.mean()), float((preds == y).mean()),
-                f1_macro(y, preds, self.plan.data.num_labels))
+        from dplora_ray.data.metrics import f1_weighted
+
+        y, k = test.labels, self.plan.data.num_labels
+        return (float(losses.mean()), float((preds == y).mean()), f1_macro(y, preds, k),
+                f1_weighted(y, preds, k))
 
     def _note(self, msg: str) -> None:
         if self.bar is not None:
@@ -883,7 +890,7 @@ class _Run:
         do_eval = (r % fed.eval_every == 0) or r == fed.rounds
         if do_eval:
             self.last_eval = self.evaluate(backend.submit(self.aggregator, "get_state"))
-        eval_loss, eval_acc, eval_f1 = self.last_eval if do_eval else (math.nan,) * 3
+        eval_loss, eval_acc, eval_f1, eval_f1w = self.last_eval if do_eval else (math.nan,) * 4
         eps_units = self.ledger.epsilons() if pp.mode != "none" else {}
         epsilon = max(eps_units.values()) if eps_units else None
         eps_mean = float(np.mean(list(eps_units.values()))) if eps_units else None
@@ -894,6 +901,7 @@ class _Run:
             R.SERVER_ROUND: r,
             R.TRAIN_LOSS: float(np.mean(losses)) if losses else math.nan,
             R.EVAL_LOSS: eval_loss, R.EVAL_ACCURACY: eval_acc, R.EVAL_F1_MACRO: eval_f1,
+            R.EVAL_F1_WEIGHTED: eval_f1w,
             R.NUM_CLIENTS_SAMPLED: len(cohort), R.NUM_CLIENTS_COMPLETED: len(accepted),
             R.BYTES_UP: int(sum(o.result.bytes_up for o in outcomes.values()
                                 if o.result is not None)),
@@ -1033,14 +1041,16 @@ class _Run:
     def write_summary(self, stop_reason: str) -> dict[str, Any]:
         pp, pc, fed, rows = self.pp, self.pc, self.fed, self.rounds_rows
         private = pp.mode != "none"
-        before = getattr(self, "before", (None, None, None))
-        last = self.last_eval if rows else (None, None, None)
+        before = getattr(self, "before", (None,) * 4)
+        last = self.last_eval if rows else (None,) * 4
         summary = {
             "eval_accuracy_before": before[1],
             "eval_f1_macro_before": before[2],
+            "eval_f1_weighted_before": before[3],
             "eval_loss_before": before[0],
             "eval_accuracy": last[1],
             "eval_f1_macro": last[2],
+            "eval_f1_weighted": last[3],
             "eval_loss": last[0],
             "epsilon": self.ledger.epsilon() if private else None,
             "delta": pc.delta if private else None,
