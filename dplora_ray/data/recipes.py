@@ -79,6 +79,7 @@ Invariants:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import zlib
@@ -303,12 +304,13 @@ def _tfns_local(path: Path, cfg: DataConfig) -> pd.DataFrame:
     labels: list[str] = []
     splits: list[str] = []
     for name, split in (("sent_train.csv", SPLIT_TRAIN), ("sent_valid.csv", SPLIT_TEST)):
-        reader = csv.DictReader(_read_text(path / name, cfg).splitlines())
+        # newline="": quoted tweets hold line breaks of their own (CRLF ends the rows)
+        reader = csv.DictReader(io.StringIO(_read_text(path / name, cfg), newline=""))
         if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
             raise DataError(*_where(cfg), f"{name} needs the header 'text,label'")
-        for lineno, row in enumerate(reader, 2):
+        for row in reader:
             texts.append((row["text"] or "").strip())
-            labels.append(_tfns_label(row["label"], cfg, f"{name} line {lineno}"))
+            labels.append(_tfns_label(row["label"], cfg, f"{name} line {reader.line_num}"))
             splits.append(split)
     return _classification(texts, labels, [""] * len(texts), splits)
 
