@@ -678,7 +678,8 @@ def _trainable(config: dict[str, Any], *, payload: Mapping[str, Any]) -> None:
                 log.flush()
 
             try:
-                summary = run_experiment(cfg, out, overwrite=True, progress=False, log=say)
+                # continue a trial killed mid-run from its last round checkpoint
+                summary = run_experiment(cfg, out, resume=True, progress=False, log=say)
             except Exception as exc:  # recorded as this trial's error; the sweep goes on
                 say(f"FAILED: {exc!r}")
                 raise SweepTrialError(_one_line(exc)) from None

@@ -4,6 +4,7 @@ resume after an interruption, and the analysis report of the result."""
 from __future__ import annotations
 
 import math
+import json
 import os
 from pathlib import Path
 
@@ -141,7 +142,10 @@ def test_resume_reruns_only_unfinished_and_failed_trials(
     assert code == 0
     assert df[S.STATUS].tolist() == ["ok", "error", "ok", "ok"]
     assert (interrupted / "summary.json").is_file()
-    assert not (interrupted / "adapter-partial").exists()  # rerun from scratch
+    # continued from its last round checkpoint (here: all rounds were done), not rerun
+    resumed = json.loads((interrupted / "summary.json").read_text())
+    assert resumed["resumed_from_round"] == resumed["rounds_completed"] > 0
+    assert (interrupted / "adapter" / "adapter_model.safetensors").is_file()
     assert os.stat(kept).st_mtime_ns == kept_mtime  # finished trial not rerun
     assert (out / "tune" / "run-2").is_dir()
     assert {p.name for p in (out / "tune" / "run-2").iterdir() if p.is_dir()} == {OK_PRIVATE, FAILS}
