@@ -363,8 +363,9 @@ class AuditConfig:
         candidates: secrets sampled from the candidate space to rank the true one.
         mia_examples: natural training examples per side of the membership attack (this
             many stay in training as members, as many are held out as non-members).
-        mia_canaries: random-label canaries per side (members inserted once each,
-            non-members never inserted); the population the epsilon bound relies on.
+        mia_canaries: canaries with random labels inserted once each (members; their
+            non-members are the ``candidates``, also with random labels); the
+            population the epsilon bound relies on.
         confidence: confidence of the epsilon lower bound.
     """
 

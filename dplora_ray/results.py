@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = [
+    "AUDIT_ROUND_COLUMNS",
+    "AUDIT_SUMMARY_KEYS",
     "CLIENT_COLUMNS",
     "ROUND_COLUMNS",
     "SUMMARY_KEYS",
@@ -44,6 +46,17 @@ ROUND_SECONDS = "round_seconds"
 EPSILON = "epsilon"
 EPSILON_MEAN = "epsilon_mean"
 NOISE_MULTIPLIER = "noise_multiplier"
+# rounds.parquet, filled in the final round when audit.enabled (issue 8; docs/audit.md)
+AUDIT_EXPOSURE_MEAN = "audit_exposure_mean"
+AUDIT_EXPOSURE_MAX = "audit_exposure_max"
+AUDIT_MIA_AUC = "audit_mia_auc"
+AUDIT_MIA_TPR_AT_1PCT_FPR = "audit_mia_tpr_at_1pct_fpr"
+AUDIT_EPSILON_LOWER_BOUND = "audit_epsilon_lower_bound"
+# summary.json only
+AUDIT_PASSED = "audit_passed"
+AUDIT_NATURAL_MIA_AUC = "audit_natural_mia_auc"
+AUDIT_EPSILON_COMPARED = "audit_epsilon_compared"
+AUDIT_SECONDS = "audit_seconds"
 
 # clients.parquet
 CLIENT_ID = "client_id"
@@ -70,6 +83,11 @@ ROUND_SCHEMA = pa.schema([
     (EPSILON, pa.float64()),
     (EPSILON_MEAN, pa.float64()),
     (NOISE_MULTIPLIER, pa.float64()),
+    (AUDIT_EXPOSURE_MEAN, pa.float64()),
+    (AUDIT_EXPOSURE_MAX, pa.float64()),
+    (AUDIT_MIA_AUC, pa.float64()),
+    (AUDIT_MIA_TPR_AT_1PCT_FPR, pa.float64()),
+    (AUDIT_EPSILON_LOWER_BOUND, pa.float64()),
 ])
 CLIENT_SCHEMA = pa.schema([
     (SERVER_ROUND, pa.int64()),
@@ -89,6 +107,15 @@ CLIENT_SCHEMA = pa.schema([
 ROUND_COLUMNS: tuple[str, ...] = tuple(ROUND_SCHEMA.names)
 CLIENT_COLUMNS: tuple[str, ...] = tuple(CLIENT_SCHEMA.names)
 TIMING_COLUMNS: tuple[str, ...] = (ROUND_SECONDS, SECONDS)
+AUDIT_ROUND_COLUMNS: tuple[str, ...] = (
+    AUDIT_EXPOSURE_MEAN, AUDIT_EXPOSURE_MAX, AUDIT_MIA_AUC, AUDIT_MIA_TPR_AT_1PCT_FPR,
+    AUDIT_EPSILON_LOWER_BOUND,
+)
+#: in every summary.json (null when audit.enabled is false)
+AUDIT_SUMMARY_KEYS: tuple[str, ...] = (
+    AUDIT_PASSED, *AUDIT_ROUND_COLUMNS, AUDIT_NATURAL_MIA_AUC, AUDIT_EPSILON_COMPARED,
+    AUDIT_SECONDS,
+)
 
 SUMMARY_KEYS: tuple[str, ...] = (
     "eval_accuracy_before", "eval_f1_macro_before", "eval_accuracy", "eval_f1_macro",
