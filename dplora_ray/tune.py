@@ -81,6 +81,7 @@ __all__ = [
     "EVAL_ACCURACY",
     "EVAL_ACCURACY_BEFORE",
     "EVAL_F1_MACRO",
+    "EVAL_F1_WEIGHTED",
     "NOISE_MULTIPLIER",
     "Param",
     "ROUNDS_COMPLETED",
@@ -119,6 +120,7 @@ STATUS = R.STATUS
 ERROR = "error"
 EVAL_ACCURACY = R.EVAL_ACCURACY
 EVAL_F1_MACRO = R.EVAL_F1_MACRO
+EVAL_F1_WEIGHTED = R.EVAL_F1_WEIGHTED
 EVAL_ACCURACY_BEFORE = "eval_accuracy_before"
 EPSILON = R.EPSILON
 DELTA = "delta"
@@ -143,6 +145,7 @@ SWEEP_SCHEMA = pa.schema(
         (ERROR, pa.string()),
         (EVAL_ACCURACY, pa.float64()),
         (EVAL_F1_MACRO, pa.float64()),
+        (EVAL_F1_WEIGHTED, pa.float64()),
         (EVAL_ACCURACY_BEFORE, pa.float64()),
         (EPSILON, pa.float64()),
         (DELTA, pa.float64()),
@@ -179,6 +182,7 @@ _CONTEXT_TYPES = {
 SUMMARY_COLUMNS: dict[str, str] = {
     "eval_accuracy": EVAL_ACCURACY,
     "eval_f1_macro": EVAL_F1_MACRO,
+    "eval_f1_weighted": EVAL_F1_WEIGHTED,
     "eval_accuracy_before": EVAL_ACCURACY_BEFORE,
     "epsilon": EPSILON,
     "delta": DELTA,
@@ -212,6 +216,7 @@ _FORWARDED_ENV = (
     "HF_DATASETS_OFFLINE",
     "HF_HOME",
     "DPLORA_RAY_CACHE",
+    "DPLORA_DATA_DIR",
     "TOKENIZERS_PARALLELISM",
     "TRANSFORMERS_VERBOSITY",
     "OPENBLAS_CORETYPE",
