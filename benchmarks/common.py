@@ -192,7 +192,6 @@ class MemorySampler:
         self.peak_processes = 0
         self.samples = 0
         self.last_bytes = 0
-        self._roles: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="mem-sampler")
 
@@ -209,9 +208,7 @@ class MemorySampler:
                 rss = p.memory_info().rss
             except psutil.Error:
                 continue
-            role = self._roles.get(p.pid)
-            if role is None or role in ("ray_idle_workers", "other"):  # titles change
-                role = self._roles[p.pid] = _role(p, self.root.pid)
+            role = _role(p, self.root.pid)  # not cached: Ray workers retitle themselves
             total += rss
             roles[role] = roles.get(role, 0) + rss
         self.samples += 1

@@ -66,10 +66,16 @@ def format_report(res: dict[str, Any]) -> str:
         out.append(f"{ro['clients_per_round']} clients per round, {ro['num_workers']} "
                    f"workers, model {ro['model']}, {ro['local_steps']} local steps of batch "
                    f"{ro['batch_size']}, evaluation on {ro['test_examples']} examples every "
-                   f"round. Runner: ratio {_num(runner.get('ratio'))} (median round "
-                   f"{_num(runner.get('ratio_median_round'))}, mean round "
-                   f"{_num(runner.get('mean_round_seconds'))} s vs ideal "
-                   f"{_num(runner.get('mean_round_ideal_seconds'))} s); all-inclusive "
+                   f"round. Runner: ratio {_num(runner.get('ratio'))} "
+                   f"({runner.get('ratio_source', '')}; mean round "
+                   f"{_num(runner.get('mean_inclusive_round_seconds'))} s vs ideal "
+                   f"{_num(runner.get('mean_round_ideal_seconds'))} s; "
+                   f"`round_seconds` alone: {_num(runner.get('round_seconds_ratio'))}, median "
+                   f"round {_num(runner.get('ratio_median_round'))}; "
+                   f"writes per round: "
+                   + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in
+                               (runner.get('mean_write_seconds') or {}).items())
+                   + f"); all-inclusive "
                    f"(warm-up round, checkpoints, Parquet writes, final adapter) "
                    f"{_num(runner.get('all_inclusive_ratio'))}.\n")
         h = ro.get("harness", {})
@@ -80,7 +86,9 @@ def format_report(res: dict[str, Any]) -> str:
                                               for k in modes],
                     ["mean ideal, s"] + [_num(h[k]["mean_round_ideal_seconds"]) for k in modes],
                     ["mean client compute, ms"] + [_num(1e3 * h[k]["mean_client_seconds"], ".1f")
-                                                   for k in modes]]
+                                                   for k in modes],
+                    ["driver submit time (inside the start latency), ms"] + [
+                        _num(1e3 * h[k]["dispatch_seconds"], ".1f") for k in modes]]
             for part in h[modes[0]]["overhead_seconds"]:
                 rows.append([f"overhead: {part}, ms (% of ideal)"] + [
                     f"{1e3 * h[k]['overhead_seconds'][part]:.1f} "
