@@ -171,9 +171,14 @@ def measure(quick: bool) -> dict[str, Any]:
     vocab = model_vocab_size(smollm2_config(model))
     data = fixed_length_data(vocab, TOKEN_LENGTH, n_train=TOKEN_BATCH, n_test=4,
                              label_token_ids=(100, 200, 300))
+    import psutil
+
+    proc = psutil.Process()
+    rss_before = proc.memory_info().rss
     t = time.perf_counter()
     s = _Steppers(model, data)
     load_seconds = time.perf_counter() - t
+    rss_loaded = proc.memory_info().rss
     modes: dict[str, Callable[[], None]] = {"none": s.step_plain, "hooks": s.step_hooks}
     ghost_rel_diff = None
     if s.ghost is not None:
@@ -223,6 +228,7 @@ def measure(quick: bool) -> dict[str, Any]:
     prod = {f"{k}_step_seconds": median(v) for k, v in per_step.items()}
     prod["ratio"] = prod["dpsgd_step_seconds"] / prod["none_step_seconds"]
 
+    rss_end = proc.memory_info().rss
     faster = min(ratios, key=ratios.get)
     return {
         "model": model,
@@ -230,6 +236,8 @@ def measure(quick: bool) -> dict[str, Any]:
         "batch_size": TOKEN_BATCH, "tokens_per_example": TOKEN_LENGTH,
         "lora": "r=8 on q_proj, v_proj", "threads": torch.get_num_threads(),
         "load_seconds": load_seconds,
+        "process_rss_bytes": {"before": rss_before, "three_models_loaded": rss_loaded,
+                              "after_steps": rss_end},
         "repetitions": reps,
         "step_seconds": step,
         "step_seconds_all": times,
