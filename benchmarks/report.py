@@ -146,6 +146,11 @@ def format_report(res: dict[str, Any]) -> str:
                       f"{dp['ghost_vs_hooks_relative_gradient_difference']:.1e}"
                       if dp.get("ghost_vs_hooks_relative_gradient_difference") is not None
                       else "") + f". Faster: {dp['faster_mode']}.")
+        rss = dp.get("process_rss_bytes")
+        if rss:
+            out.append(f"Process RSS (three copies of the model: plain, hooks, ghost): "
+                       f"{_bytes(rss['three_models_loaded'])} loaded, "
+                       f"{_bytes(rss['after_steps'])} after the steps.")
 
     cm = d.get("communication")
     if cm:
