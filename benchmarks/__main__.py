@@ -30,7 +30,8 @@ def _target(value: Any, target: float, label: str) -> dict[str, Any]:
             "met": (value <= target) if ok else None, "label": label}
 
 
-def run(quick: bool, only: set[str], workdir: Path) -> dict[str, Any]:
+def run(quick: bool, only: set[str], workdir: Path, gpus_per_worker: float = 0.5
+        ) -> dict[str, Any]:
     set_default_env()
     t0 = time.perf_counter()
     res: dict[str, Any] = {"quick": quick, "command": " ".join(["python -m benchmarks",
@@ -91,7 +92,8 @@ def run(quick: bool, only: set[str], workdir: Path) -> dict[str, Any]:
                                        .tokens_per_second(ray, quick, workdir))
             if "throughput" in only:
                 d["throughput"] = tp
-            d["gpu"] = attempt("gpu", lambda: gpu.measure(ray, quick, workdir))
+            d["gpu"] = attempt("gpu", lambda: gpu.measure(ray, quick, workdir,
+                                                                gpus_per_worker))
     d["dp_overhead"] = attempt("dp_overhead", lambda: dp_overhead.measure(quick))
     d["communication"] = attempt("communication", lambda: communication.measure(quick))
 
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", metavar="PATH", help="write the printed tables here too")
     p.add_argument("--only", metavar="NAMES",
                    help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    p.add_argument("--gpus-per-worker", type=float, default=0.5, metavar="G",
+                   help="fractional GPU share per worker for the gpu benchmark (default 0.5: "
+                        "two workers on one GPU); skipped where no GPU is visible")
     p.add_argument("--workdir", metavar="DIR",
                    help="scratch folder for run outputs (default: a temp folder)")
     args = p.parse_args(argv)
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="dplora-bench-") as tmp:
-        res = run(args.quick, only, Path(args.workdir) if args.workdir else Path(tmp))
+        res = run(args.quick, only, Path(args.workdir) if args.workdir else Path(tmp),
+                  gpus_per_worker=args.gpus_per_worker)
     from benchmarks.report import format_report
 
     text = format_report(res)
