@@ -106,3 +106,19 @@ def test_audit_is_off_by_default(tmp_path: Path) -> None:
 
     assert not (tmp_path / "plain" / AUDIT_FILE).exists()
     assert {k: summary[k] for k in R.AUDIT_SUMMARY_KEYS} == dict.fromkeys(R.AUDIT_SUMMARY_KEYS)
+
+
+@pytest.mark.ray
+def test_actor_workers_score_exactly_like_inline(tmp_path: Path, ray_session: Any) -> None:
+    """The audit's sequences are scored in fixed chunks dealt over the workers, so two
+    actor workers give the inline numbers exactly."""
+    small = ["federation.rounds=2", "federation.local_steps=5", "audit.candidates=100",
+             "audit.mia_canaries=20"]
+    got = {}
+    for backend, extra in [("inline", []), ("actors", ["runtime.num_workers=2",
+                                                       "runtime.cpus_per_worker=0.5"])]:
+        cfg = load_config(AUDIT_TINY, [*small, f"runtime.backend={backend}", *extra])
+        run_experiment(cfg, tmp_path / backend, progress=False, log=lambda m: None)
+        audit = json.loads((tmp_path / backend / AUDIT_FILE).read_text())
+        got[backend] = {k: audit[k] for k in ("exposures", "mia", "epsilon_lower_bound")}
+    assert got["actors"] == got["inline"]

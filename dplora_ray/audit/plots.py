@@ -41,8 +41,8 @@ def audit_frame(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
 def plot_leakage_vs_epsilon(frame: pd.DataFrame, path: str | Path, *,
                             chance_exposure: float | None = None,
                             title: str = "Measured leakage vs epsilon") -> Path:
-    """Two panels against epsilon (log scale): secret exposure (bits) and membership
-    AUC, with the epsilon lower bound as a third series on a twin axis of the first.
+    """Three panels against epsilon (log scale): secret exposure (bits), membership AUC
+    and the empirical epsilon lower bound (with the line bound = epsilon).
 
     Args:
         frame: rows with ``epsilon`` and :data:`~dplora_ray.results.AUDIT_SUMMARY_KEYS`.
@@ -63,35 +63,35 @@ def plot_leakage_vs_epsilon(frame: pd.DataFrame, path: str | Path, *,
     private = np.isfinite(eps) & (eps > 0)
     right = float(np.nanmax(eps[private])) * 4 if private.any() else 10.0
     x = np.where(private, eps, right)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    series = [(R.AUDIT_EXPOSURE_MEAN, "exposure, mean (bits)", "o"),
-              (R.AUDIT_EXPOSURE_MAX, "exposure, max (bits)", "^")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    series = [(R.AUDIT_EXPOSURE_MEAN, "exposure, mean", "o"),
+              (R.AUDIT_EXPOSURE_MAX, "exposure, max", "^")]
     for col, label, marker in series:
-        y = pd.to_numeric(df.get(col), errors="coerce")
-        axes[0].scatter(x, y, marker=marker, label=label)
+        axes[0].scatter(x, pd.to_numeric(df.get(col), errors="coerce"), marker=marker,
+                        label=label)
     if chance_exposure is not None:
         axes[0].axhline(chance_exposure, linestyle="--", color="grey", label="chance")
-    axes[0].set_ylabel("exposure (bits)")
-    auc = pd.to_numeric(df.get(R.AUDIT_MIA_AUC), errors="coerce")
-    axes[1].scatter(x, auc, label="membership AUC (canaries)")
+    axes[0].set_ylabel("exposure of the secrets (bits)")
+    axes[1].scatter(x, pd.to_numeric(df.get(R.AUDIT_MIA_AUC), errors="coerce"),
+                    label="canaries (calibrated)")
     nat = pd.to_numeric(df.get(R.AUDIT_NATURAL_MIA_AUC), errors="coerce")
     if nat.notna().any():
-        axes[1].scatter(x, nat, marker="s", label="membership AUC (natural)")
+        axes[1].scatter(x, nat, marker="s", label="natural examples (calibrated)")
     axes[1].axhline(0.5, linestyle="--", color="grey", label="chance")
-    axes[1].set_ylabel("ROC AUC")
+    axes[1].set_ylabel("membership inference ROC AUC")
     lb = pd.to_numeric(df.get(R.AUDIT_EPSILON_LOWER_BOUND), errors="coerce")
-    twin = axes[0].twinx()
-    twin.scatter(x, lb, marker="x", color="black", label="epsilon lower bound (95%)")
-    lim = max(right, float(np.nanmax(lb)) if lb.notna().any() else 1.0)
-    twin.plot([min(x.min(), 1e-2), lim], [min(x.min(), 1e-2), lim], ":", color="black",
-              linewidth=0.8, label="bound = epsilon")
-    twin.set_ylabel("empirical epsilon lower bound")
+    axes[2].scatter(x, lb, marker="x", color="black", label="empirical lower bound (95%)")
+    top = max(1.0, 1.3 * float(np.nanmax(lb))) if lb.notna().any() else 1.0
+    grid = np.geomspace(max(1e-3, float(np.nanmin(x)) / 2), right * 2, 100)
+    axes[2].plot(grid, grid, ":", color="black", linewidth=0.8,
+                 label="accountant's epsilon (bound must stay below)")
+    axes[2].set_ylim(0, top)
+    axes[2].set_ylabel("epsilon lower bound")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("epsilon (accountant)" + ("; right edge: no DP" if (~private).any()
                                                  else ""))
         ax.legend(fontsize=8, loc="upper left")
-    twin.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(path)
