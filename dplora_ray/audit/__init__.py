@@ -34,10 +34,10 @@ from dplora_ray.audit.report import AUDIT_FILE, FAILED_PREFIX, comparable_epsilo
 
 __all__ = [
     "AUDIT_FILE",
-    "FAILED_PREFIX",
-    "SECRET_TEMPLATE",
     "AuditPlan",
+    "FAILED_PREFIX",
     "LowerBound",
+    "SECRET_TEMPLATE",
     "chance_exposure",
     "clopper_pearson_lower",
     "clopper_pearson_upper",

@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = [
-    "REFERENCE_LEVELS",
     "LowerBound",
     "Population",
+    "REFERENCE_LEVELS",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "epsilon_from_rates",

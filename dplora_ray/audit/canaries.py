@@ -49,11 +49,11 @@ from dplora_ray.federated.encoding import EncodedData, EncodedSplit, encode_spli
 
 __all__ = [
     "AUDIT_STREAM",
+    "AuditPlan",
     "REFERENCE_CANARIES",
     "REFERENCE_TEST_EXAMPLES",
     "SECRET_TEMPLATE",
     "SECTIONS",
-    "AuditPlan",
     "concat_splits",
     "insert_canaries",
     "subset_split",
