@@ -177,8 +177,10 @@ def test_prv_is_finite_and_close_to_rdp():
 def test_paper_scale_and_its_epsilon():
     assert effective_noise_scale("paper", True) == pytest.approx(1 / (2 * math.sqrt(2)))
     assert effective_noise_scale("paper", False) == 0.5
-    for mode in ("dpsgd", "client", "local"):
+    for mode in ("dpsgd", "client"):
         assert effective_noise_scale(mode, True) == effective_noise_scale(mode, False) == 1.0
+    # local DP: replacement neighbours, two clipped updates differ by up to 2C
+    assert effective_noise_scale("local", True) == effective_noise_scale("local", False) == 0.5
     with pytest.raises(PrivacyError, match="'none'"):
         effective_noise_scale("none", True)
     sigma = 4.0
