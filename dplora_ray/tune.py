@@ -158,6 +158,9 @@ SWEEP_SCHEMA = pa.schema(
         (TRAINABLE_PARAMETERS, pa.int64()),
         (WALL_SECONDS, pa.float64()),
         (TRIAL_DIR, pa.string()),
+        # the empirical privacy audit (null when audit.enabled is false)
+        (R.AUDIT_PASSED, pa.bool_()),
+        *((k, pa.float64()) for k in R.AUDIT_SUMMARY_KEYS if k != R.AUDIT_PASSED),
     ]
 )
 SWEEP_COLUMNS: tuple[str, ...] = tuple(SWEEP_SCHEMA.names)
@@ -194,6 +197,7 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "stop_reason": STOP_REASON,
     "trainable_parameters": TRAINABLE_PARAMETERS,
     "wall_seconds": WALL_SECONDS,
+    **{k: k for k in R.AUDIT_SUMMARY_KEYS},
 }
 
 EPSILON_KEY = "privacy.target_epsilon"
