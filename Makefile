@@ -26,6 +26,7 @@ demo: setup
 	$(PY) -m dplora_ray demo --out runs/demo --overwrite
 
 test: setup
+	$(VENV)/bin/ruff check dplora_ray analysis benchmarks tests
 	$(PY) -m pytest -q -ra --timeout 900
 
 lint: setup

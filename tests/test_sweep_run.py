@@ -3,8 +3,8 @@ resume after an interruption, and the analysis report of the result."""
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import os
 from pathlib import Path
 
