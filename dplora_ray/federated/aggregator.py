@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dplora_ray.privacy.noise import clip_by_global_norm
+
 __all__ = ["STRATEGIES", "Aggregator", "dp_fedavg", "fedavg", "unweighted_mean"]
 
 State = dict[str, torch.Tensor]
@@ -47,13 +49,6 @@ def unweighted_mean(updates: Sequence[Mapping[str, torch.Tensor]]) -> State:
     return fedavg(updates, [1.0] * len(updates))
 
 
-def _clip(update: Mapping[str, torch.Tensor], clipping_norm: float) -> State:
-    norm = float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(t.float()) for t in update.values()])))
-    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
-    return {k: v.float() * scale for k, v in update.items()}
-
-
 def dp_fedavg(updates: Sequence[Mapping[str, torch.Tensor]],
               template: Mapping[str, torch.Tensor], clipping_norm: float,
               noise_multiplier: float, expected_cohort: float,
@@ -65,7 +60,8 @@ def dp_fedavg(updates: Sequence[Mapping[str, torch.Tensor]],
     """
     if expected_cohort <= 0:
         raise ValueError(f"expected_cohort must be > 0, got {expected_cohort}")
-    clipped = [_clip(u, clipping_norm) for u in updates]
+    clipped = [clip_by_global_norm({k: v.float() for k, v in u.items()}, clipping_norm)[0]
+               for u in updates]
     std = noise_multiplier * clipping_norm
     out = {}
     for k in sorted(template):

@@ -50,6 +50,12 @@ from dplora_ray.config import ExperimentConfig, config_from_dict
 from dplora_ray.errors import PreflightError
 from dplora_ray.federated.encoding import EncodedData
 from dplora_ray.models import build_lora_model, load_base_model, load_lora_state_inplace, lora_state
+from dplora_ray.privacy.noise import (
+    NonFiniteUpdateError,
+    add_gaussian_noise,
+    clip_by_global_norm,
+    global_l2_norm,
+)
 
 __all__ = ["ClientJob", "ClientResult", "ClientWorker", "PackedUpdate", "tensor_bytes"]
 
@@ -125,27 +131,6 @@ class PackedUpdate(dict):
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     """Bytes of the tensor payload (numel x element size, what is serialised as data)."""
     return int(sum(t.numel() * t.element_size() for t in tensors.values()))
-
-
-def _global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
-    if not tensors:
-        return 0.0
-    return float(torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors.values()])))
-
-
-def _clip(tensors: dict[str, torch.Tensor], clipping_norm: float
-          ) -> tuple[dict[str, torch.Tensor], float]:
-    norm = _global_norm(tensors)
-    if not math.isfinite(norm):
-        return tensors, norm
-    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
-    return {k: v * scale for k, v in tensors.items()}, norm
-
-
-def _noise_like(t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.normal(0.0, std, size=t.shape, generator=gen, dtype=torch.float32,
-                        device="cpu").to(t.device)
 
 
 class ClientWorker:
@@ -255,17 +240,16 @@ class ClientWorker:
                 losses, steps, rate = self._train_plain(job)
         update = {k: (p.detach().float().cpu() - global_state[k].float())
                   for k, p in self._params.items()}
-        norm = _global_norm(update)
+        norm = global_l2_norm(update)
         status = STATUS_OK
         C = self.cfg.privacy.clipping_norm
         if not math.isfinite(norm) or not all(torch.isfinite(t).all() for t in update.values()):
             status, update = STATUS_NONFINITE, None
         elif mode in ("client", "local"):
-            update, _ = _clip(update, C)
+            update, _ = clip_by_global_norm(update, C)
             if mode == "local":
                 gen = torch.Generator().manual_seed(job.seed ^ 0x5A5A5A5A)
-                std = job.noise_multiplier * C
-                update = {k: v + _noise_like(v, std, gen) for k, v in sorted(update.items())}
+                update = add_gaussian_noise(update, job.noise_multiplier * C, gen)
         payload = None
         if update is not None:
             dtype = TRANSFER_DTYPES[self.cfg.federation.transfer_dtype]
@@ -379,9 +363,13 @@ class ClientWorker:
                 continue
             grads = {k: (self._params[k].grad if self._params[k].grad is not None
                          else torch.zeros_like(self._params[k])) for k in group}
-            clipped, _ = _clip(grads, clipping_norm)
+            try:
+                clipped, _ = clip_by_global_norm(grads, clipping_norm)
+            except NonFiniteUpdateError:
+                continue  # the parameters go non-finite and the update is rejected
+            noised = add_gaussian_noise(clipped, std, gen)
             for k in group:
-                self._params[k].grad = clipped[k] + _noise_like(clipped[k], std, gen)
+                self._params[k].grad = noised[k]
 
     # ----------------------------------------------------------------- preflight
     def preflight(self) -> dict[str, Any]:
