@@ -13,11 +13,14 @@ Modules, one per benchmark:
   FFA-LoRA and the transfer dtype; serialisation overhead of the payload (target < 1%).
 * :mod:`benchmarks.throughput`: client updates per second and training tokens per
   second per worker, 1 and 2 workers.
+* :mod:`benchmarks.audit_cost`: wall time of a run with the empirical privacy audit on
+  vs off (``audit_cost_fraction``; target < 0.20).
 * :mod:`benchmarks.gpu`: fractional ``gpus_per_worker`` (measured only where a GPU is).
 
 Figures, command and machine of the last full run: docs/benchmarks.md.
 """
 
-BENCHMARKS = ("memory", "round_overhead", "throughput", "gpu", "dp_overhead", "communication")
+BENCHMARKS = ("memory", "round_overhead", "throughput", "gpu", "dp_overhead", "communication",
+              "audit_cost")
 
 __all__ = ["BENCHMARKS"]

@@ -4,7 +4,7 @@ Runs every benchmark (see :mod:`benchmarks`), prints the figures as Markdown tab
 writes them as JSON. Order: the memory runs first (fresh subprocesses, before this
 process has loaded a model), then everything that needs Ray on one private local Ray
 instance (round overhead, throughput, GPU), then the in-process ones (DP overhead,
-communication). A benchmark that fails is reported under ``errors`` and the exit code is
+communication, audit cost). A benchmark that fails is reported under ``errors`` and the exit code is
 1; the others still run.
 """
 
@@ -55,7 +55,15 @@ def run(quick: bool, only: set[str], workdir: Path, gpus_per_worker: float = 0.5
               file=sys.stderr, flush=True)
         return out
 
-    from benchmarks import communication, dp_overhead, gpu, memory, round_overhead, throughput
+    from benchmarks import (
+        audit_cost,
+        communication,
+        dp_overhead,
+        gpu,
+        memory,
+        round_overhead,
+        throughput,
+    )
 
     d["memory"] = attempt("memory", lambda: memory.measure(quick))
     if only & {"round_overhead", "throughput", "gpu"}:
@@ -96,6 +104,7 @@ def run(quick: bool, only: set[str], workdir: Path, gpus_per_worker: float = 0.5
                                                                 gpus_per_worker))
     d["dp_overhead"] = attempt("dp_overhead", lambda: dp_overhead.measure(quick))
     d["communication"] = attempt("communication", lambda: communication.measure(quick))
+    d["audit_cost"] = attempt("audit_cost", lambda: audit_cost.measure(quick, workdir))
 
     d = {k: v for k, v in d.items() if v is not None}
     res["details"] = d
@@ -116,10 +125,12 @@ def _headline(res: dict[str, Any], quick: bool) -> None:
     tp = d.get("throughput") or {}
     updates = (tp.get("updates") or {})
     tokens = (tp.get("tokens") or {})
+    ac = d.get("audit_cost") or {}
     res["round_overhead_ratio"] = runner.get("ratio", nan)
     res["memory_ratio_10000_vs_10"] = mem.get("ratio", nan)
     res["dp_step_overhead_ratio"] = dp.get("ratio", nan)
     res["payload_overhead_fraction"] = cm.get("payload_overhead_fraction", nan)
+    res["audit_cost_fraction"] = ac.get("audit_cost_fraction", nan)
     res["client_updates_per_second"] = updates.get("client_updates_per_second", {})
     res["tokens_per_second_per_worker"] = tokens.get("tokens_per_second_per_worker", {})
     res["labels"] = {
@@ -129,6 +140,7 @@ def _headline(res: dict[str, Any], quick: bool) -> None:
         "dp_step_overhead_ratio": f"{dp.get('label', '')}, hooks",
         "payload_overhead_fraction": "SmolLM2-135M-shaped q,v r=8 float32 update "
                                      "(PackedUpdate, pickle 5)",
+        "audit_cost_fraction": ac.get("label", ""),
         "client_updates_per_second": f"{updates.get('model', '')}, per-client dispatch",
         "tokens_per_second_per_worker": tokens.get("label", ""),
     }
@@ -142,6 +154,8 @@ def _headline(res: dict[str, Any], quick: bool) -> None:
                                             lab["dp_step_overhead_ratio"]),
         "payload serialisation overhead": _target(res["payload_overhead_fraction"], 0.01,
                                                   lab["payload_overhead_fraction"]),
+        "audit cost ((on - off) / off)": _target(res["audit_cost_fraction"], 0.20,
+                                                 lab["audit_cost_fraction"]),
     }
 
 

@@ -197,6 +197,16 @@ def format_report(res: dict[str, Any]) -> str:
                        f"{pl['raw_bytes']:,} B raw, {pl['serialized_bytes']:,} B serialised "
                        f"({100 * pl['overhead_fraction']:.3f}% overhead, {pl['type']}).")
 
+    ac = d.get("audit_cost")
+    if ac:
+        out.append("\n### Audit cost\n")
+        out.append(f"{ac['label']}, audit off vs `audit.enabled=true`: wall "
+                   f"{_num(ac['wall_seconds_off'])} s vs {_num(ac['wall_seconds_on'])} s, "
+                   f"`audit_cost_fraction` {_num(ac['audit_cost_fraction'])}; "
+                   f"`audit_seconds` {_num(ac['audit_seconds'])} s "
+                   f"({_num(100 * ac['audit_seconds_fraction_of_run'], '.1f')}% of the "
+                   f"audit-on run).")
+
     g = d.get("gpu")
     if g:
         out.append("\n### GPU\n")

@@ -30,7 +30,7 @@ from dplora_ray.federated.client import PackedUpdate
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE_KEYS = ("round_overhead_ratio", "memory_ratio_10000_vs_10", "dp_step_overhead_ratio",
                  "payload_overhead_fraction", "client_updates_per_second",
-                 "tokens_per_second_per_worker")
+                 "tokens_per_second_per_worker", "audit_cost_fraction")
 
 
 def _positive_finite(x: Any) -> bool:
@@ -186,3 +186,11 @@ def test_quick_gpu_is_measured_or_says_why(quick: dict[str, Any]) -> None:
         assert all(_positive_finite(v) for v in g["tokens_per_second_per_worker"].values())
     else:
         assert "no GPU" in g["reason"]
+
+
+def test_quick_audit_cost_is_measured(quick: dict[str, Any]) -> None:
+    ac = quick["details"]["audit_cost"]
+    assert math.isfinite(quick["audit_cost_fraction"])
+    assert quick["audit_cost_fraction"] == ac["audit_cost_fraction"]
+    assert _positive_finite(ac["audit_seconds"]) and ac["audit_off_has_no_audit_figures"]
+    assert 0 < ac["audit_seconds_fraction_of_run"] < 1
