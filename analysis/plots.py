@@ -40,6 +40,7 @@ __all__ = [
     "plot_accuracy_vs_round",
     "plot_communication",
     "plot_epsilon_vs_round",
+    "plot_leakage_vs_epsilon",
     "plot_loss_vs_round",
 ]
 
@@ -377,3 +378,25 @@ def _bytes(v: float) -> str:
         if v >= k:
             return f"{v / k:.3g} {unit}"
     return f"{v:.0f} B"
+
+
+def audited(trials: pd.DataFrame) -> pd.DataFrame:
+    """The finished trials with an empirical privacy audit (``audit_exposure_mean`` not
+    null); empty when the audit was off everywhere (or the table predates it)."""
+    if R.AUDIT_EXPOSURE_MEAN not in trials.columns:
+        return trials.iloc[0:0]
+    ok = trials[trials[S.STATUS] == S.STATUS_OK] if S.STATUS in trials.columns else trials
+    return ok[pd.to_numeric(ok[R.AUDIT_EXPOSURE_MEAN], errors="coerce").notna()]
+
+
+def plot_leakage_vs_epsilon(results: Results, out_dir: Path) -> Path | None:
+    """Exposure, membership-inference AUC and the empirical epsilon lower bound against
+    the accountant's epsilon (:func:`dplora_ray.audit.plots.plot_leakage_vs_epsilon`), for
+    the audited trials; ``None`` when no trial was audited."""
+    from dplora_ray.audit.plots import plot_leakage_vs_epsilon as _plot
+
+    frame = audited(results.trials)
+    if frame.empty:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _plot(frame, out_dir / "leakage_vs_epsilon.png")

@@ -36,6 +36,7 @@ from analysis.tables import (
     privacy_utility_pivot,
     privacy_utility_table,
 )
+from dplora_ray import results as R
 from dplora_ray import tune as S
 
 __all__ = ["REPORT_FILE", "Report", "write_report"]
@@ -87,6 +88,51 @@ def _comm_section(comm: pd.DataFrame) -> list[str]:
             "\nThe base model's config was not available here for some models: no "
             "full fine-tuning baseline for them."
         )
+    return lines
+
+
+_AUDIT_FORMATS = {
+    S.EPSILON: ".3f",
+    R.AUDIT_EXPOSURE_MEAN: ".2f",
+    R.AUDIT_EXPOSURE_MAX: ".2f",
+    R.AUDIT_MIA_AUC: ".3f",
+    R.AUDIT_MIA_TPR_AT_1PCT_FPR: ".3f",
+    R.AUDIT_EPSILON_LOWER_BOUND: ".3f",
+}
+
+
+def _audit_section(res: Results, plots: dict[str, Path | None], root: Path) -> list[str]:
+    """``## Empirical privacy audit``: one row per audited trial (nothing when no trial
+    was audited)."""
+    audited = P.audited(res.trials)
+    if audited.empty:
+        return []
+    cols = [S.TRIAL] if res.kind == "sweep" else []
+    cols += [c for c in (EPSILON_TARGET, S.EPSILON) if c in audited.columns]
+    cols += [
+        R.AUDIT_EXPOSURE_MEAN,
+        R.AUDIT_EXPOSURE_MAX,
+        R.AUDIT_MIA_AUC,
+        R.AUDIT_MIA_TPR_AT_1PCT_FPR,
+        R.AUDIT_EPSILON_LOWER_BOUND,
+        R.AUDIT_PASSED,
+    ]
+    table = audited[[c for c in cols if c in audited.columns]]
+    if EPSILON_TARGET in table.columns:
+        table = table.sort_values([EPSILON_TARGET], kind="stable")
+    lines = [
+        "## Empirical privacy audit",
+        "",
+        "Measured leakage of the final adapter (docs/audit.md): exposure of the planted "
+        "secret canaries (bits), the calibrated membership-inference ROC AUC and its TPR at "
+        "1% FPR, and the empirical epsilon lower bound, which must stay below the "
+        "accountant's `epsilon` (`audit_passed`).",
+        "",
+        markdown_table(table, _AUDIT_FORMATS),
+        "",
+    ]
+    if plots.get("leakage_vs_epsilon"):
+        lines += [_img(plots["leakage_vs_epsilon"], root, "leakage vs epsilon"), ""]
     return lines
 
 
@@ -190,6 +236,7 @@ def _sweep_body(
     if plots.get("communication"):
         lines += [_img(plots["communication"], root, "communication"), ""]
 
+    lines += _audit_section(res, plots, root)
     lines += ["## Training curves", ""]
     for key, alt in (
         ("accuracy_vs_round", "accuracy vs round"),
@@ -238,10 +285,9 @@ def _run_body(
     lines += ["## Communication", ""] + _comm_section(comm) + [""]
     if plots.get("communication"):
         lines += [_img(plots["communication"], root, "communication"), ""]
+    lines += _audit_section(res, plots, root)
     clients = res.clients
     if not clients.empty:
-        from dplora_ray import results as R
-
         g = clients.groupby(R.CLIENT_ID)
         per = pd.DataFrame(
             {
@@ -284,6 +330,7 @@ def write_report(
     if res.kind == "sweep":
         plots["accuracy_vs_epsilon"] = P.plot_accuracy_vs_epsilon(res, plot_dir)
         plots["accuracy_vs_clients"] = P.plot_accuracy_vs_clients(res, plot_dir)
+        plots["leakage_vs_epsilon"] = P.plot_leakage_vs_epsilon(res, plot_dir)
     else:
         plots["loss_vs_round"] = P.plot_loss_vs_round(res, plot_dir)
     plots["accuracy_vs_round"] = P.plot_accuracy_vs_round(res, plot_dir)

@@ -33,7 +33,14 @@ def fake_parameters(model: str) -> int | None:
 
 
 def make_run(
-    folder: Path, *, eps: float, r: int, n: int, acc: list[float], before: float = 0.3
+    folder: Path,
+    *,
+    eps: float,
+    r: int,
+    n: int,
+    acc: list[float],
+    before: float = 0.3,
+    audit: dict[str, object] | None = None,
 ) -> None:
     """A run folder as `dplora-ray train` writes it: 3 clients per round, every second
     round evaluated except the last, which always is."""
@@ -106,6 +113,8 @@ def make_run(
             "wall_seconds": 2.0,
             "trainable_parameters": PARAMS_PER_RANK * r,
             "model": "tiny-llama",
+            **{k: None for k in R.AUDIT_SUMMARY_KEYS},
+            **(audit or {}),
         },
         folder / "summary.json",
     )
@@ -267,6 +276,71 @@ def test_report_for_a_single_run(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert res.trials.loc[0, S.EVAL_ACCURACY] == 0.5
     assert res.trials.loc[0, "lora.r"] == 4
     assert "report:" in capsys.readouterr().out
+
+
+def audit_keys(eps: float) -> dict[str, object]:
+    """Audit summary keys of a fake audited run: leakage falls as epsilon shrinks."""
+    e = 8.0 if math.isinf(eps) else eps
+    return {
+        R.AUDIT_EXPOSURE_MEAN: 1.5 + e,
+        R.AUDIT_EXPOSURE_MAX: 3.0 + e,
+        R.AUDIT_MIA_AUC: 0.5 + e / 20,
+        R.AUDIT_MIA_TPR_AT_1PCT_FPR: e / 100,
+        R.AUDIT_EPSILON_LOWER_BOUND: e / 10,
+        R.AUDIT_PASSED: True,
+    }
+
+
+def make_audit_sweep(out: Path, audited: bool) -> Path:
+    """A 3-trial sweep over epsilon (1, 4, no DP), audited or not."""
+    rows = []
+    for i, eps in enumerate((1.0, 4.0, math.inf)):
+        name = f"t{i:03d}"
+        folder = out / "trials" / name
+        make_run(folder, eps=eps, r=4, n=4, acc=[0.3, 0.4],
+                 audit=audit_keys(eps) if audited else None)
+        row = {c: None for c in S.SWEEP_COLUMNS}
+        row.update({S.TRIAL: name, S.TRIAL_DIR: str(folder), "privacy.target_epsilon": eps,
+                    "lora.r": 4, "federation.num_clients": 4,
+                    "privacy.mode": "none" if math.isinf(eps) else "dpsgd",
+                    "model.name": "tiny-llama"})
+        rows.append(S.row_from_summary(row, json.loads((folder / "summary.json").read_text())))
+    pq.write_table(S.sweep_table(rows, ["privacy.target_epsilon"]), out / S.SWEEP_FILE)
+    return out
+
+
+@pytest.mark.parametrize("audited", [True, False])
+def test_report_audit_section_for_a_sweep(tmp_path: Path, audited: bool) -> None:
+    sweep = make_audit_sweep(tmp_path / "sweep", audited)
+
+    code = main(["analyze", str(sweep)])
+
+    assert code == 0
+    text = (sweep / "report.md").read_text()
+    png = sweep / "plots" / "leakage_vs_epsilon.png"
+    if audited:
+        assert "## Empirical privacy audit" in text
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+        assert "](plots/leakage_vs_epsilon.png)" in text
+        # t000: epsilon 1 -> exposure 2.50 / 4.00, AUC 0.550, TPR 0.010, bound 0.100
+        assert "| t000 | 1 | 1.000 | 2.50 | 4.00 | 0.550 | 0.010 | 0.100 | True |" in text
+        assert "| t002 | inf (no DP) |  | 9.50 | 11.00 | 0.900 |" in text
+    else:
+        assert "Empirical privacy audit" not in text and not png.exists()
+
+
+def test_report_audit_table_for_a_single_run(tmp_path: Path) -> None:
+    plain, audited = tmp_path / "plain", tmp_path / "audited"
+    make_run(plain, eps=2.0, r=4, n=6, acc=[0.3, 0.4])
+    make_run(audited, eps=2.0, r=4, n=6, acc=[0.3, 0.4], audit=audit_keys(2.0))
+
+    with_audit = analysis.write_report(audited, parameters=fake_parameters)
+    without = analysis.write_report(plain, parameters=fake_parameters)
+
+    text = with_audit.path.read_text()
+    assert "## Empirical privacy audit" in text
+    assert "| 2 | 2.000 | 3.50 | 5.00 | 0.600 | 0.020 | 0.200 | True |" in text
+    assert "Empirical privacy audit" not in without.path.read_text()
 
 
 def test_not_a_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
