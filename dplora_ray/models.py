@@ -269,21 +269,23 @@ def load_lora_state_inplace(model: Any, state: Mapping[str, Any]) -> None:
 
     Raises:
         ValueError: a key of ``state`` is not a LoRA parameter of the model, or a shape
-            differs. (Keys of the model missing from ``state`` are left untouched: FFA's
-            frozen A is not sent.)
+            differs; nothing is copied then. (Keys of the model missing from ``state``
+            are left untouched: FFA's frozen A is not sent.)
     """
     params = {_file_key(n): p for n, p in model.named_parameters() if "lora_" in n}
     unexpected = [k for k in state if k not in params]
     if unexpected:
         raise ValueError(f"LoRA state has keys the model lacks: {unexpected[:3]}")
+    tensors = {}
+    for key, value in state.items():  # check everything before copying anything
+        t = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
+        if tuple(t.shape) != tuple(params[key].shape):
+            raise ValueError(f"LoRA tensor {key}: shape {tuple(t.shape)} != "
+                             f"{tuple(params[key].shape)}")
+        tensors[key] = t
     with torch.no_grad():
-        for key, value in state.items():
-            p = params[key]
-            t = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"LoRA tensor {key}: shape {tuple(t.shape)} != "
-                                 f"{tuple(p.shape)}")
-            p.copy_(t.to(p.dtype))
+        for key, t in tensors.items():
+            params[key].copy_(t.to(params[key].dtype))
 
 
 def save_adapter(out_dir: str | Path, lora: LoraSection, base_model: str,

@@ -225,3 +225,21 @@ def test_failed_preflight_leaves_no_output_folder(
     assert err[-1].startswith("dplora-ray: error: privacy preflight (dpsgd) failed for 2 LoRA")
     assert not any(line.startswith("Traceback") for line in err)
     assert not out.exists()
+
+
+def test_lora_off_the_classifier_path_is_refused_without_privacy_too(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: without privacy, LoRA on lm_head would silently stay untrained
+    out = tmp_path / "run"
+
+    # Execute
+    rc = main(["train", TINY, "--out", str(out), "--no-progress",
+               *_sets(*INLINE, "privacy.mode=none",
+                      "lora.target_modules=[q_proj, v_proj, lm_head]")])
+
+    # Assert
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("dplora-ray: error: preflight (none) failed for 2 LoRA")
+    assert "lm_head" in err[-1] and "no gradient" in err[-1]
+    assert not out.exists()

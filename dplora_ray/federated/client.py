@@ -436,7 +436,8 @@ class ClientWorker:
                 for k, p in self._params.items():
                     p.copy_(before[k])
         if problems:
-            raise PreflightError(f"privacy preflight ({mode}) failed for "
+            label = "preflight" if mode == "none" else "privacy preflight"
+            raise PreflightError(f"{label} ({mode}) failed for "
                                  f"{len(problems)} LoRA tensor(s); first: {problems[0]}")
         return {"checked_tensors": len(self._params), "mode": mode}
 

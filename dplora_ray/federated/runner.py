@@ -5,7 +5,7 @@ Order of work, so that bad input never leaves a half-written folder:
 1. validate: output folder (or the run to resume), data (load, split, partition), model
    (prepare, tokenizer), privacy plan (cohort schedule, noise calibration, delta vs data
    size);
-2. start the backend (workers load the base model once), preflight in private modes,
+2. start the backend (workers load the base model once), preflight (every mode),
    evaluate the untrained adapter; only then create the output folder;
 3. per round: budget guard -> dispatch the cohort (one call per client, dealt over the
    workers) -> charge the ledger -> gather (failures and late clients handled by
@@ -666,10 +666,12 @@ class _Run:
         self.init_full = backend.get(backend.submit(w0, "initial_state"))
         trainable_keys = backend.get(backend.submit(w0, "trainable_keys"))
         self.initial = {k: self.init_full[k] for k in trainable_keys}
-        if pp.mode != "none" and pc.preflight:
+        if pc.preflight:  # in every mode: a LoRA tensor off the classifier path never trains
             info = backend.get(backend.submit(w0, "preflight"))
-            self.say(f"privacy preflight passed ({info['checked_tensors']} LoRA tensors got "
-                     "per-sample gradients and changed)")
+            what = {"dpsgd": "got per-sample gradients and changed after a private step",
+                    "paper": "got gradients and changed after a private step"}.get(
+                        pp.mode, "got gradients")
+            self.say(f"preflight passed ({info['checked_tensors']} LoRA tensors {what})")
         self.aggregator = backend.make_aggregator(
             initial=self.initial, mode=pp.mode, server_learning_rate=self.fed.server_learning_rate,
             clipping_norm=pc.clipping_norm, seed=cfg.seed)
