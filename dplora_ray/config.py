@@ -181,6 +181,13 @@ class FederationConfig:
         eval_every: evaluate the global adapter every this many rounds (the last round
             is always evaluated).
         transfer_dtype: dtype of the LoRA tensors sent (noise is added before the cast).
+        compression: communication-efficient baseline (non-private, ``privacy.mode:
+            none`` only): ``none``; ``ternary`` (T-FedAvg, Xu et al. 2020: each update
+            tensor sent as 2-bit codes in {-a, 0, +a} plus one float32 scale);
+            ``cmfl`` (CMFL, Wang et al. 2019: a client whose update agrees in sign with
+            the last global update on fewer than ``cmfl_threshold`` of the entries
+            does not upload).
+        cmfl_threshold: CMFL's relevance threshold, in [0, 1].
     """
 
     num_clients: int = 4
@@ -196,6 +203,8 @@ class FederationConfig:
     server_learning_rate: float = 1.0
     eval_every: int = 1
     transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compression: Literal["none", "ternary", "cmfl"] = "none"
+    cmfl_threshold: float = 0.8
 
     def __post_init__(self) -> None:
         for key in ("num_clients", "clients_per_round", "rounds", "local_steps",
@@ -210,6 +219,8 @@ class FederationConfig:
                "must be > 0")
         _check(self.server_learning_rate > 0, "federation.server_learning_rate",
                self.server_learning_rate, "must be > 0")
+        _check(0.0 <= self.cmfl_threshold <= 1.0, "federation.cmfl_threshold",
+               self.cmfl_threshold, "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -413,6 +424,10 @@ class ExperimentConfig:
         if self.federation.partition == "natural" and self.data.recipe == "custom":
             _check(self.data.group_column is not None, "data.group_column", None,
                    "is required by federation.partition='natural'")
+        _check(self.federation.compression == "none" or self.privacy.mode == "none",
+               "federation.compression", self.federation.compression,
+               f"is a non-private baseline: needs privacy.mode=none, "
+               f"not {self.privacy.mode!r}")
         kill = self.runtime.kill_worker_at_round
         if kill is not None:
             _check(kill <= self.federation.rounds, "runtime.kill_worker_at_round", kill,

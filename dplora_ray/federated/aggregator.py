@@ -13,6 +13,10 @@ Strategies (registry :data:`STRATEGIES`, chosen by ``privacy.mode``):
   N(0, sigma^2 C^2) is added to the sum, and the sum is divided by the *expected* cohort
   size q*N (not the realised one, which would be data dependent).
 
+Updates in the T-FedAvg ternary wire format (``federation.compression=ternary``) are
+dequantised first. The last applied global update (``server_learning_rate *
+aggregate``) is kept for CMFL's relevance check (:meth:`Aggregator.get_last_update`).
+
 The new global state is ``state + server_learning_rate * aggregate``. Updates arrive and
 are summed in client-id order, so the result does not depend on which worker finished
 first. Noise comes from a generator seeded by (run seed, server round): never global.
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dplora_ray.federated.compression import is_ternary_payload, ternary_decode
 from dplora_ray.privacy.noise import clip_by_global_norm
 
 __all__ = ["STRATEGIES", "Aggregator", "dp_fedavg", "fedavg", "unweighted_mean"]
@@ -90,19 +95,28 @@ class Aggregator:
         server_learning_rate: step size on the aggregate.
         clipping_norm: C (``client`` mode).
         seed: the run seed (noise generator per round).
+        keep_last_update: keep the last applied update for :meth:`get_last_update`
+            (``federation.compression=cmfl``; off otherwise, so checkpoints stay small).
     """
 
     def __init__(self, initial: Mapping[str, torch.Tensor], mode: str,
-                 server_learning_rate: float, clipping_norm: float, seed: int) -> None:
+                 server_learning_rate: float, clipping_norm: float, seed: int,
+                 keep_last_update: bool = False) -> None:
         self.state: State = {k: v.float().clone() for k, v in sorted(initial.items())}
         self.mode = mode
         self.strategy = strategy_for_mode(mode)
         self.server_lr = server_learning_rate
         self.clipping_norm = clipping_norm
         self.seed = seed
+        self.keep_last_update = keep_last_update
+        self.last_update: State | None = None
 
     def get_state(self) -> State:
         return self.state
+
+    def get_last_update(self) -> State | None:
+        """The last applied global update (None before the first non-empty round)."""
+        return self.last_update
 
     def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
         self.state = {k: v.float().clone() for k, v in sorted(state.items())}
@@ -134,6 +148,8 @@ class Aggregator:
         """
         if len(num_examples) != len(updates):
             raise ValueError(f"{len(updates)} updates but {len(num_examples)} example counts")
+        updates = tuple(ternary_decode(u, self.state) if is_ternary_payload(u) else u
+                        for u in updates)
         if self.strategy == "dp_fedavg":
             agg = dp_fedavg(list(updates), self.state, self.clipping_norm, noise_multiplier,
                             expected_cohort, self._noise_generator(server_round))
@@ -144,7 +160,10 @@ class Aggregator:
         else:
             agg = unweighted_mean(list(updates))
         if agg is not None:
-            self.state = {k: v + self.server_lr * agg[k] for k, v in self.state.items()}
+            delta = {k: self.server_lr * agg[k] for k in self.state}
+            self.state = {k: v + delta[k] for k, v in self.state.items()}
+            if self.keep_last_update:
+                self.last_update = delta
         return len(updates)
 
     def checkpoint(self) -> dict[str, Any]:
@@ -153,10 +172,14 @@ class Aggregator:
         The server optimizer is FedAvg with a server learning rate: it has no state of
         its own (the dict is there so that a stateful optimizer has a place to put it).
         The noise generator is a function of (run seed, round), so it needs no state.
+        The last applied update (CMFL's reference) is saved when there is one.
         """
-        return {"global_state": {k: v.clone() for k, v in self.state.items()},
+        out = {"global_state": {k: v.clone() for k, v in self.state.items()},
                 "server_optimizer": {"name": "fedavg", "strategy": self.strategy,
                                      "server_learning_rate": self.server_lr, "state": {}}}
+        if self.last_update is not None:
+            out["last_update"] = {k: v.clone() for k, v in self.last_update.items()}
+        return out
 
     def restore(self, checkpoint: Mapping[str, Any]) -> None:
         """Inverse of :meth:`checkpoint` (keys and shapes must match the current state)."""
@@ -168,3 +191,6 @@ class Aggregator:
                 raise ValueError(f"checkpoint tensor {k}: shape {tuple(v.shape)} != "
                                  f"{tuple(self.state[k].shape)}")
         self.set_state(state)
+        last = checkpoint.get("last_update")
+        self.last_update = ({k: v.float().clone() for k, v in last.items()}
+                            if last is not None else None)

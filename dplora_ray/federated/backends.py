@@ -105,11 +105,13 @@ class RuntimeWorker(ClientWorker):
         os._exit(1)  # fault injection: the worker process dies here, Ray restarts it
 
     def run_client(self, global_state: Mapping[str, torch.Tensor], job: ClientJob,
-                   server_round: int, attempt: int
+                   server_round: int, attempt: int,
+                   last_update: Mapping[str, torch.Tensor] | None = None
                    ) -> tuple[ClientResult, dict[str, torch.Tensor] | None]:
         """One client's round work: (metrics without the update, the update)."""
         self._maybe_die(server_round, attempt)
-        result = self.train_client(global_state, job)
+        result = (self.train_client(global_state, job) if last_update is None
+                  else self.train_client(global_state, job, last_update))
         return dataclasses.replace(result, update=None), result.update
 
     def evaluate_chunks(self, state: Mapping[str, torch.Tensor],
@@ -187,10 +189,10 @@ class InlineBackend:
         return call
 
     def submit_client(self, worker: int, state: Any, job: ClientJob, server_round: int,
-                      attempt: int) -> tuple[_Call, _Call]:
+                      attempt: int, last_update: Any = None) -> tuple[_Call, _Call]:
         handle = self.workers[worker]
         both = _Call(lambda: handle.run_client(*_resolve_args((state,)), job, server_round,
-                                               attempt))
+                                               attempt, *_resolve_args((last_update,))))
         return _Call(lambda: both.resolve()[0]), _Call(lambda: both.resolve()[1])
 
     def wait(self, futures: Sequence[_Call], timeout: float | None) -> list[_Call]:
@@ -288,9 +290,9 @@ class ActorBackend:
         return getattr(handle, method).remote(*args)
 
     def submit_client(self, worker: int, state: Any, job: ClientJob, server_round: int,
-                      attempt: int) -> tuple[Any, Any]:
+                      attempt: int, last_update: Any = None) -> tuple[Any, Any]:
         call = self.workers[worker].run_client.options(num_returns=2)
-        meta, update = call.remote(state, job, server_round, attempt)
+        meta, update = call.remote(state, job, server_round, attempt, last_update)
         return meta, update
 
     def wait(self, futures: Sequence[Any], timeout: float | None) -> list[Any]:

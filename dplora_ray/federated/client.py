@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from dplora_ray.config import ExperimentConfig, config_from_dict
 from dplora_ray.errors import PreflightError
+from dplora_ray.federated.compression import cmfl_should_upload, ternary_encode
 from dplora_ray.federated.encoding import EncodedData
 from dplora_ray.models import build_lora_model, load_base_model, load_lora_state_inplace, lora_state
 from dplora_ray.privacy.noise import (
@@ -64,6 +65,7 @@ TRANSFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
 
 STATUS_OK = "ok"
 STATUS_NONFINITE = "rejected_nonfinite"
+STATUS_SKIPPED_IRRELEVANT = "skipped_irrelevant"  # CMFL: not uploaded (not an error)
 
 
 @dataclass(frozen=True)
@@ -221,12 +223,16 @@ class ClientWorker:
 
     # ----------------------------------------------------------------- training
     def train_clients(self, global_state: Mapping[str, torch.Tensor],
-                      jobs: list[ClientJob]) -> list[ClientResult]:
+                      jobs: list[ClientJob],
+                      last_update: Mapping[str, torch.Tensor] | None = None
+                      ) -> list[ClientResult]:
         """Train each job's client from ``global_state``; results in job order."""
-        return [self.train_client(global_state, job) for job in jobs]
+        return [self.train_client(global_state, job, last_update) for job in jobs]
 
-    def train_client(self, global_state: Mapping[str, torch.Tensor], job: ClientJob
-                     ) -> ClientResult:
+    def train_client(self, global_state: Mapping[str, torch.Tensor], job: ClientJob,
+                     last_update: Mapping[str, torch.Tensor] | None = None) -> ClientResult:
+        """Train one client. ``last_update`` is the last applied global update (used by
+        ``federation.compression=cmfl`` only; None in the first round: upload)."""
         start = time.perf_counter()
         mode = self.cfg.privacy.mode
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -250,8 +256,19 @@ class ClientWorker:
             if mode == "local":
                 gen = torch.Generator().manual_seed(job.seed ^ 0x5A5A5A5A)
                 update = add_gaussian_noise(update, job.noise_multiplier * C, gen)
+        extras: dict[str, Any] = {}
+        compression = self.cfg.federation.compression
+        if update is not None and compression == "cmfl":
+            upload, rel = cmfl_should_upload(update, last_update,
+                                             self.cfg.federation.cmfl_threshold)
+            extras["cmfl_relevance"] = rel
+            if not upload:
+                status, update = STATUS_SKIPPED_IRRELEVANT, None
         payload = None
-        if update is not None:
+        if update is not None and compression == "ternary":
+            # mixed dtypes (uint8 codes, float32 scales): pickles as a plain dict
+            payload = PackedUpdate(ternary_encode(update))
+        elif update is not None:
             dtype = TRANSFER_DTYPES[self.cfg.federation.transfer_dtype]
             payload = PackedUpdate({k: v.to(dtype).contiguous()
                                     for k, v in sorted(update.items())})
@@ -262,7 +279,8 @@ class ClientWorker:
             train_loss=float(np.mean(finite_losses)) if finite_losses else math.nan,
             update=payload, update_norm=norm,
             bytes_up=tensor_bytes(payload) if payload is not None else 0,
-            seconds=time.perf_counter() - start, steps=steps, sampling_rate=rate)
+            seconds=time.perf_counter() - start, steps=steps, sampling_rate=rate,
+            extras=extras)
 
     def _fixed_batches(self, job: ClientJob, rng: np.random.Generator):
         B = self.cfg.federation.batch_size

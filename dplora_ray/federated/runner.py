@@ -99,7 +99,13 @@ import torch
 from dplora_ray import results as R
 from dplora_ray.config import ExperimentConfig, config_from_dict, config_to_dict, save_config
 from dplora_ray.errors import ConfigError, DataError, OutputError, RunFailedError
-from dplora_ray.federated.client import STATUS_NONFINITE, STATUS_OK, ClientJob, tensor_bytes
+from dplora_ray.federated.client import (
+    STATUS_NONFINITE,
+    STATUS_OK,
+    STATUS_SKIPPED_IRRELEVANT,
+    ClientJob,
+    tensor_bytes,
+)
 from dplora_ray.federated.encoding import EncodedData, encode_split, label_token_ids
 
 __all__ = [
@@ -122,7 +128,8 @@ STATUS_DROPPED_TIMEOUT = "dropped_timeout"  # not back within runtime.round_time
 STATUS_FAILED = "failed"  # its worker died under on_client_failure=fail: the run ended
 STATUS_ABORTED = "aborted"  # in the round that ended the run; not aggregated
 CLIENT_STATUSES = (STATUS_OK, STATUS_FAILED_RETRIED, STATUS_NONFINITE, STATUS_DROPPED_FAILURE,
-                   STATUS_DROPPED_TIMEOUT, STATUS_FAILED, STATUS_ABORTED)
+                   STATUS_DROPPED_TIMEOUT, STATUS_FAILED, STATUS_ABORTED,
+                   STATUS_SKIPPED_IRRELEVANT)
 #: statuses whose update was aggregated
 ACCEPTED_STATUSES = (STATUS_OK, STATUS_FAILED_RETRIED)
 
@@ -657,6 +664,7 @@ class _Run:
         self.resumed_from: int | None = None
         self.folder_ready = False
         self.bar: _Progress | None = None
+        self.last_update_ref: Any = None  # CMFL's reference, this round's
 
     # ------------------------------------------------------------------ set-up
     def start(self, prior: dict[str, Any] | None, overwrite: bool) -> None:
@@ -674,7 +682,8 @@ class _Run:
             self.say(f"preflight passed ({info['checked_tensors']} LoRA tensors {what})")
         self.aggregator = backend.make_aggregator(
             initial=self.initial, mode=pp.mode, server_learning_rate=self.fed.server_learning_rate,
-            clipping_norm=pc.clipping_norm, seed=cfg.seed)
+            clipping_norm=pc.clipping_norm, seed=cfg.seed,
+            keep_last_update=self.fed.compression == "cmfl")
         from dplora_ray.federated.client import TRANSFER_DTYPES
 
         tdtype = TRANSFER_DTYPES[self.fed.transfer_dtype]
@@ -869,6 +878,9 @@ class _Run:
                        f"privacy.max_epsilon={budget}")
             return False
         state_ref = backend.submit(self.aggregator, "get_state")
+        # CMFL's reference: the last applied global update (None otherwise)
+        self.last_update_ref = (backend.submit(self.aggregator, "get_last_update")
+                                if fed.compression == "cmfl" else None)
         jobs = {int(cid): ClientJob(client_id=int(cid), indices=self.plan.parts[int(cid)],
                                     seed=derive_seed(cfg.seed, 2, r, int(cid)),
                                     noise_multiplier=pp.noise_multiplier)
@@ -877,7 +889,8 @@ class _Run:
         ws = self.pool.usable()
         for pos, cid in enumerate(sorted(jobs)):
             w = ws[pos % len(ws)]
-            meta, payload = backend.submit_client(w, state_ref, jobs[cid], r, 0)
+            meta, payload = backend.submit_client(w, state_ref, jobs[cid], r, 0,
+                                                  self.last_update_ref)
             pending[meta] = _Pending(cid, w, 0, payload)
         for e in entries:  # charged whether or not the client completes
             self.ledger.append(e)
@@ -939,7 +952,7 @@ class _Run:
                             R.SECONDS: x.seconds, R.STEPS: x.steps,
                             R.SAMPLING_RATE: x.sampling_rate})
             self.client_rows.append(row)
-            if o.status not in (STATUS_OK, STATUS_FAILED_RETRIED):
+            if o.status not in (STATUS_OK, STATUS_FAILED_RETRIED, STATUS_SKIPPED_IRRELEVANT):
                 self._note(f"round {r}: client {cid} {o.status}")
 
     def gather(self, r: int, jobs: dict[int, ClientJob], pending: dict[Any, _Pending],
@@ -990,7 +1003,7 @@ class _Run:
         if policy == "retry" and p.attempt < max_retries:
             w = self.pool.next_after(p.worker)
             meta, payload = self.backend.submit_client(w, state_ref, jobs[p.client_id], r,
-                                                       p.attempt + 1)
+                                                       p.attempt + 1, self.last_update_ref)
             pending[meta] = _Pending(p.client_id, w, p.attempt + 1, payload)
             retried.add(p.client_id)
             self._note(f"{what} ({exc.reason}); re-running it on worker {w} "
