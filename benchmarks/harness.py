@@ -229,7 +229,7 @@ class RoundHarness:
                   evaluate: bool = True, log: bool = True) -> RoundTiming:
         """One round in the runner's order; returns its timing marks."""
         from dplora_ray import results as R
-        from dplora_ray.federated.runner import f1_macro
+        from dplora_ray.data.metrics import f1_macro
 
         if mode not in DISPATCH_MODES:
             raise ValueError(f"mode must be one of {DISPATCH_MODES}, got {mode!r}")

@@ -481,7 +481,7 @@ def test_weighted_f1_by_hand() -> None:
 
 
 def test_weighted_f1_agrees_with_the_engines_macro_f1_when_balanced() -> None:
-    from dplora_ray.federated.runner import f1_macro
+    from dplora_ray.data.metrics import f1_macro
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 20)  # equal supports: weighted = macro

@@ -4,7 +4,7 @@
   :func:`f1_weighted` (the support-weighted mean of per-label F1 that financial
   sentiment benchmarks report next to accuracy, e.g. FinGPT's FPB / FiQA-SA / TFNS
   tables; scikit-learn's ``f1_score(average="weighted")``). Macro-F1, which PubMedQA
-  reports, is the engine's :func:`dplora_ray.federated.runner.f1_macro`.
+  reports, is :func:`f1_macro` (mean over the labels present in truth or prediction).
 * Generation (MedQuAD): :func:`rouge_l` (ROUGE-L F-measure, Lin 2004, "ROUGE: A Package
   for Automatic Evaluation of Summaries", Sec. 3.1) and :func:`perplexity`.
 * Multiple choice (PIQA): :func:`multiple_choice_accuracy` over per-choice scores (e.g.
@@ -28,6 +28,7 @@ import numpy as np
 
 __all__ = [
     "accuracy",
+    "f1_macro",
     "f1_per_label",
     "f1_weighted",
     "lcs_length",
@@ -75,6 +76,18 @@ def f1_per_label(
         if 2 * tp + fp + fn:
             out[k] = 2 * tp / (2 * tp + fp + fn)
     return out
+
+
+def f1_macro(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, num_labels: int
+) -> float:
+    """Unweighted mean of the per-label F1 over the labels present in the truth or the
+    predictions (0.0 when there are none)."""
+    t, p = _labels(y_true, y_pred)
+    present = (np.bincount(t, minlength=num_labels)[:num_labels]
+               + np.bincount(p, minlength=num_labels)[:num_labels]) > 0
+    scores = f1_per_label(t, p, num_labels)[present]
+    return float(scores.mean()) if len(scores) else 0.0
 
 
 def f1_weighted(

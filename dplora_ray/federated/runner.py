@@ -328,19 +328,6 @@ def plan_run(cfg: ExperimentConfig) -> RunPlan:
     return RunPlan(cfg, data, parts, cohorts, privacy, source, loaded.task.label_names, audit)
 
 
-def f1_macro(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> float:
-    """Unweighted mean of per-label F1 over the labels present in truth or prediction."""
-    scores = []
-    for k in range(num_labels):
-        tp = int(np.sum((y_pred == k) & (y_true == k)))
-        fp = int(np.sum((y_pred == k) & (y_true != k)))
-        fn = int(np.sum((y_pred != k) & (y_true == k)))
-        if tp + fp + fn == 0:
-            continue
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
-
-
 # =========================================================================== progress
 class _Progress:
     def __init__(self, total: int, done: int, enabled: bool,
@@ -834,7 +821,7 @@ class _Run:
                 if losses_left < 0:
                     raise RunFailedError("evaluation failed: client workers kept dying")
                 todo = {self.pool.usable()[0]: sorted(retry)}
-        from dplora_ray.data.metrics import f1_weighted
+        from dplora_ray.data.metrics import f1_macro, f1_weighted
 
         y, k = test.labels, self.plan.data.num_labels
         return (float(losses.mean()), float((preds == y).mean()), f1_macro(y, preds, k),
