@@ -90,10 +90,14 @@ def _run(config_path: str, args: argparse.Namespace, resume: str | None = None) 
     eps_text = (f"epsilon {eps:.3f} at delta {summary['delta']:g} "
                 f"({summary['privacy_mode']}, protects one {summary['privacy_unit']})"
                 if eps is not None else "no differential privacy (privacy.mode=none)")
-    acc_after = summary["eval_accuracy"]
-    print(f"accuracy before training: {summary['eval_accuracy_before']:.4f}")
-    print(f"accuracy after round {summary['rounds_completed']}: "
-          + (f"{acc_after:.4f}" if acc_after is not None else "n/a"))
+    metrics = (("perplexity", "eval_perplexity"), ("ROUGE-L", "eval_rouge_l")) \
+        if summary.get("task_type") == "generation" else (("accuracy", "eval_accuracy"),)
+    for name, key in metrics:
+        before, after = summary[f"{key}_before"], summary[key]
+        print(f"{name} before training: "
+              + (f"{before:.4f}" if before is not None else "n/a"))
+        print(f"{name} after round {summary['rounds_completed']}: "
+              + (f"{after:.4f}" if after is not None else "n/a"))
     print(f"privacy: {eps_text}")
     print(f"stop reason: {summary['stop_reason']}; bytes up {summary['bytes_up_total']:,}, "
           f"down {summary['bytes_down_total']:,}; {summary['wall_seconds']:.1f} s")

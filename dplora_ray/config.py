@@ -115,14 +115,16 @@ class DataConfig:
         recipe: ``vader`` (the demo: VADER's human-rated sentiment corpora),
             ``synthetic`` (generated sentiment-like data for tests), ``custom``
             (``path`` + column mapping), or one of the DP-LoRA paper's data sets
-            (``fpb``, ``tfns``, ``pubmedqa``; ``medquad`` and ``piqa`` load but need task
-            types the engine does not run yet); see :mod:`dplora_ray.data.recipes`.
+            (``fpb``, ``tfns``, ``pubmedqa``: classification; ``medquad``: generation;
+            ``piqa``: multiple choice); see :mod:`dplora_ray.data.recipes`.
         path: local CSV/JSON/JSONL/Parquet file or folder, or a hub id (``custom``);
             for the paper recipes a local copy (file, its folder, or a data root laid out
             like ``$DPLORA_DATA_DIR``) or a hub id replacing the recipe's default.
         task: ``sentiment3`` (negative/neutral/positive), ``fin_sentiment`` (the same
-            labels, financial-news prompt), ``yesno``, ``yesnomaybe``; ``qa_generation``
-            and ``multiple_choice`` name the task types of ``medquad`` and ``piqa``.
+            labels, financial-news prompt), ``yesno``, ``yesnomaybe`` (classification);
+            ``qa_generation`` (``medquad``: answer in free text, trained on the answer
+            tokens, scored by perplexity and ROUGE-L); ``multiple_choice`` (``piqa``: the
+            likeliest solution); see :mod:`dplora_ray.data.tasks`.
         subset: a recipe's variant (``fpb``: the annotator agreement level ``50agree``
             (default), ``66agree``, ``75agree`` or ``allagree``); None: the default.
         text_column / label_column / group_column: column mapping for ``custom`` data
@@ -133,6 +135,9 @@ class DataConfig:
         max_train_examples: cap on the training pool (None: all).
         cache_dir: where downloads and the ``datasets`` cache go (None: the dplora_ray
             cache folder).
+        max_new_tokens: generation tasks: tokens generated greedily per test question
+            for ROUGE-L (scored against the reference answer's first ``max_new_tokens``
+            tokens).
     """
 
     recipe: Literal["vader", "synthetic", "custom", "fpb", "tfns", "pubmedqa", "medquad",
@@ -149,9 +154,11 @@ class DataConfig:
     balanced_test: bool = True
     max_train_examples: int | None = None
     cache_dir: str | None = None
+    max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
         _positive_int("data.test_size", self.test_size)
+        _positive_int("data.max_new_tokens", self.max_new_tokens)
         if self.max_train_examples is not None:
             _positive_int("data.max_train_examples", self.max_train_examples)
         if self.recipe == "custom":

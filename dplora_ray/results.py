@@ -38,6 +38,10 @@ EVAL_ACCURACY = "eval_accuracy"
 EVAL_F1_MACRO = "eval_f1_macro"
 # support-weighted mean of per-label F1 (financial sentiment benchmarks report it)
 EVAL_F1_WEIGHTED = "eval_f1_weighted"
+# generation tasks (NaN otherwise): teacher-forced answer perplexity, ROUGE-L F of the
+# greedy answer against the reference's first data.max_new_tokens tokens
+EVAL_PERPLEXITY = "eval_perplexity"
+EVAL_ROUGE_L = "eval_rouge_l"
 NUM_CLIENTS_SAMPLED = "num_clients_sampled"
 NUM_CLIENTS_COMPLETED = "num_clients_completed"
 BYTES_UP = "bytes_up"
@@ -75,6 +79,8 @@ ROUND_SCHEMA = pa.schema([
     (EVAL_ACCURACY, pa.float64()),
     (EVAL_F1_MACRO, pa.float64()),
     (EVAL_F1_WEIGHTED, pa.float64()),
+    (EVAL_PERPLEXITY, pa.float64()),
+    (EVAL_ROUGE_L, pa.float64()),
     (NUM_CLIENTS_SAMPLED, pa.int64()),
     (NUM_CLIENTS_COMPLETED, pa.int64()),
     (BYTES_UP, pa.int64()),
@@ -119,7 +125,8 @@ AUDIT_SUMMARY_KEYS: tuple[str, ...] = (
 
 SUMMARY_KEYS: tuple[str, ...] = (
     "eval_accuracy_before", "eval_f1_macro_before", "eval_accuracy", "eval_f1_macro",
-    "eval_f1_weighted_before", "eval_f1_weighted",
+    "eval_f1_weighted_before", "eval_f1_weighted", "eval_perplexity_before",
+    "eval_perplexity", "eval_rouge_l_before", "eval_rouge_l", "task_type",
     "epsilon", "delta", "noise_multiplier", "privacy_mode", "privacy_unit",
     "rounds_completed", "rounds_planned", "stop_reason", "bytes_up_total",
     "bytes_down_total", "wall_seconds", "trainable_parameters", "model",

@@ -222,7 +222,7 @@ def test_pubmedqa_needs_the_yesnomaybe_task(data_dir: Path) -> None:
     assert err.key == "data.task" and "data.task=yesnomaybe" in str(err)
 
 
-# ------------------------------------------------------ medquad and piqa (not in engine)
+# ------------------------------------------------------------------- medquad and piqa
 
 
 @needs_data
@@ -254,25 +254,15 @@ def test_piqa_frame(data_dir: Path) -> None:
     assert frame["goal"][0] == "How do I ready a guinea pig cage for it's new occupants?"
 
 
-@pytest.mark.parametrize(
-    ("recipe", "task", "kind"),
-    [("medquad", "qa_generation", "generation"), ("piqa", "multiple_choice", "multiple_choice")],
-)
-def test_engine_refuses_generation_and_multiple_choice(recipe: str, task: str, kind: str) -> None:
-    # Prepare: no data needed, the task type is checked first
-    from dplora_ray.federated.runner import plan_run
+def test_sequence_tasks_need_their_recipes() -> None:
+    # the generation / multiple-choice tasks only come from medquad / piqa
+    from dplora_ray.data import load_data
 
-    cfg = load_config(None, [f"data.recipe={recipe}", f"data.task={task}"])
-
-    # Execute
-    with pytest.raises(DataError) as info:
-        plan_run(cfg)
-
-    # Assert
-    assert info.value.key == "data.recipe"
-    assert str(info.value) == (
-        f"data.recipe={recipe!r}: needs task type {kind}, not supported by the engine yet"
-    )
+    for task, recipe in (("qa_generation", "medquad"), ("multiple_choice", "piqa")):
+        with pytest.raises(DataError) as info:
+            load_data(DataConfig(recipe="synthetic", task=task), seed=0)
+        assert info.value.key == "data.task"
+        assert f"only the recipes {recipe} provide its data" in str(info.value)
 
 
 # ----------------------------------------------------------------- where data comes from

@@ -16,10 +16,10 @@ Recipes (explicit registry :data:`RECIPES`):
   mapped with ``data.text_column``, ``data.label_column``, ``data.group_column`` and
   ``data.label_map``.
 * ``fpb``, ``tfns``, ``pubmedqa``: the DP-LoRA paper's classification data sets
-  (:mod:`dplora_ray.data.recipes`: local copies, ``$DPLORA_DATA_DIR`` or the hub).
-  ``medquad`` (generation) and ``piqa`` (multiple choice) are refused here with a
-  one-line DataError: the engine runs classification only; their frames come from
-  :func:`~dplora_ray.data.recipes.load_examples`.
+  (:mod:`dplora_ray.data.recipes`: local copies, ``$DPLORA_DATA_DIR`` or the hub);
+  ``medquad`` (generation: ``target`` = the answer) and ``piqa`` (multiple choice:
+  ``choices`` = the two solutions; the local copy holds only the labelled validation set,
+  which is then split with ``data.test_size`` like a data set without a test split).
 
 Then the global test split is held out (``data.test_size`` examples, balanced over the
 labels when ``data.balanced_test``) and what is left is the training pool, capped at
@@ -39,7 +39,9 @@ Invariants:
       disjoint from the training set; changing ``max_train_examples`` does not change it.
     * Both frames have exactly the columns ``text`` (str), ``label`` (int64 index into
       ``task.label_names``) and ``group`` (str, ``""`` when the data has no groups), a
-      fresh ``RangeIndex``, and rows in the order of the source data.
+      fresh ``RangeIndex``, and rows in the order of the source data; multiple-choice
+      tasks add ``choices`` (a tuple of strings per row; ``piqa``), generation tasks
+      ``target`` (the reference answer; ``medquad``).
     * Bad input raises :class:`~dplora_ray.errors.DataError` with a one-line message
       naming the config key and the value.
 """
@@ -65,7 +67,7 @@ import pandas as pd
 
 from dplora_ray.config import DataConfig
 from dplora_ray.data.recipes import PAPER_RECIPES, SPLIT_TEST, SPLIT_TRAIN, load_examples
-from dplora_ray.data.tasks import ENGINE_TASK_TYPES, Task, get_task
+from dplora_ray.data.tasks import CLASSIFICATION, AnyTask, Task, get_task
 from dplora_ray.errors import DataError
 
 __all__ = [
@@ -189,18 +191,16 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
     ``cfg.max_train_examples`` by a seeded random choice.
 
     Raises:
-        DataError: unknown task or recipe, a recipe whose task type the engine does not
-            run (``medquad``, ``piqa``), unreadable or empty data, a missing column, a
+        DataError: unknown task or recipe, a task the recipe does not provide,
+            unreadable or empty data, a missing column, a
             label outside the task, or a split left empty.
     """
-    spec = PAPER_RECIPES.get(cfg.recipe)
-    if spec is not None and spec.task_type not in ENGINE_TASK_TYPES:
-        raise DataError(
-            "data.recipe",
-            cfg.recipe,
-            f"needs task type {spec.task_type}, not supported by the engine yet",
-        )
     task = get_task(cfg.task)
+    spec = PAPER_RECIPES.get(cfg.recipe)
+    if spec is None and task.kind != CLASSIFICATION:
+        fits = ", ".join(k for k, v in PAPER_RECIPES.items() if v.task_type == task.kind)
+        raise DataError("data.task", cfg.task,
+                        f"is a {task.kind} task; only the recipes {fits} provide its data")
     if cfg.recipe not in RECIPES:
         raise DataError(
             "data.recipe", cfg.recipe, f"unknown recipe; choose one of {', '.join(sorted(RECIPES))}"
@@ -214,6 +214,10 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
 
 
 # --------------------------------------------------------------------------- splitting
+
+
+#: columns beyond text/label/group that a task type carries through the split
+EXTRA_COLUMNS = ("choices", "target")
 
 
 def _rng(seed: int, stream: str) -> np.random.Generator:
@@ -307,13 +311,17 @@ def _split(
 
 def _take(pool: pd.DataFrame, idx: np.ndarray) -> pd.DataFrame:
     rows = pool.iloc[idx]
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "text": rows["text"].astype(str).to_numpy(),
             "label": rows["label"].to_numpy(dtype=np.int64),
             "group": rows["group"].astype(str).to_numpy(),
         }
     )
+    for extra in EXTRA_COLUMNS:  # multiple choice / generation
+        if extra in rows.columns:
+            out[extra] = rows[extra].to_numpy()
+    return out
 
 
 def _frame(texts: Iterable[Any], labels: Iterable[int], groups: Iterable[Any]) -> pd.DataFrame:
@@ -799,9 +807,34 @@ def _load_paper(cfg: DataConfig, task: Task) -> pd.DataFrame:
     return out
 
 
+def _load_piqa(cfg: DataConfig, task: AnyTask) -> pd.DataFrame:
+    """PIQA as a multiple-choice pool: ``text`` = goal, ``choices`` = (sol1, sol2),
+    ``label`` = index of the right solution. Without a training split (the local copy holds
+    the labelled validation set only) the split column is cleared, so the test split is a
+    seeded ``data.test_size`` draw and the rest trains."""
+    frame = load_examples(cfg)
+    out = _frame(frame["goal"], frame["label"], [""] * len(frame))
+    out["choices"] = [(a, b) for a, b in zip(frame["sol1"], frame["sol2"])]
+    split = frame["split"].to_numpy()
+    out["split"] = split if (split == SPLIT_TRAIN).any() else ""
+    return out
+
+
+def _load_medquad(cfg: DataConfig, task: AnyTask) -> pd.DataFrame:
+    """MedQuAD as a generation pool: ``text`` = question, ``target`` = reference answer,
+    ``group`` = NIH source site, label 0 (one pseudo-class)."""
+    frame = load_examples(cfg)
+    out = _frame(frame["question"], np.zeros(len(frame), dtype=np.int64), frame["group"])
+    out["target"] = frame["answer"].to_numpy()
+    out["split"] = frame["split"].to_numpy()
+    return out
+
+
 RECIPES: dict[str, Callable[[DataConfig, Task], pd.DataFrame]] = {
     "custom": _load_custom,
     "fpb": _load_paper,
+    "medquad": _load_medquad,
+    "piqa": _load_piqa,
     "pubmedqa": _load_paper,
     "synthetic": _load_synthetic,
     "tfns": _load_paper,

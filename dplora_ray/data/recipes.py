@@ -61,9 +61,9 @@ Per recipe:
   from the hub. Frame: ``goal``, ``sol1``, ``sol2``, ``label`` (0: sol1, 1: sol2),
   ``split``.
 
-The engine runs classification only: :func:`dplora_ray.data.load_data` refuses
-``medquad`` and ``piqa`` with a one-line DataError naming the task type they need;
-:func:`dplora_ray.data.load_examples` returns their frames for other code.
+:func:`dplora_ray.data.load_data` turns these frames into the engine's pools (the
+classification recipes, ``medquad`` as generation, ``piqa`` as multiple choice);
+:func:`dplora_ray.data.load_examples` returns the raw frames.
 
 Invariants:
     * A reader returns a fresh frame with a ``split`` column (``train`` / ``test``, or

@@ -1,5 +1,4 @@
-"""Tasks: classification tasks (a prompt template and one label word per class) and the
-names of the task types the engine does not run yet.
+"""Tasks: how an example is posed to a causal language model, by task type.
 
 A task turns an example's text into a prompt that ends right before the answer, and
 names the word a causal language model should produce next for each class. The label
@@ -7,12 +6,22 @@ words start with a space so that, after the prompt, each one is (for common byte
 BPE tokenizers) the next token; models score the classes by the log-probability of the
 label word's tokens.
 
-Task types (:data:`TASK_TYPES`): every ``data.task`` has one. The engine trains and
-evaluates ``classification`` tasks (:data:`TASKS`). ``generation`` (``qa_generation``:
-answer a question in free text; ROUGE-L and perplexity) and ``multiple_choice``
-(``multiple_choice``: pick the likelier of the given solutions) are named so that configs
-and loaders can refer to them; their metrics are in :mod:`dplora_ray.data.metrics`, and
-:func:`get_task` refuses them with a one-line error.
+Task types (:data:`TASK_TYPES`): every ``data.task`` has one, and the engine runs all three.
+
+* ``classification`` (:data:`TASKS`, :class:`Task`): one label word per class, scored at
+  the last prompt token; loss = cross-entropy over the label words; metrics accuracy,
+  macro-F1, weighted F1.
+* ``multiple_choice`` (:class:`MultipleChoiceTask`, PIQA-style): the prompt (the goal) is
+  followed by each candidate solution in turn; a choice's score is the summed
+  log-probability of its tokens given the prompt; the prediction is the likeliest choice.
+  Training minimises the cross-entropy over the choice scores (one example = all its
+  choice sequences; DP-SGD clips the example's summed per-sequence gradients together).
+  Metric: accuracy.
+* ``generation`` (:class:`GenerationTask`, MedQuAD-style): prompt = the question, target
+  = the reference answer followed by the end-of-sequence token; training minimises the
+  causal-LM loss on the answer tokens only (mean over an example's answer tokens, then
+  over examples). Metrics: answer perplexity (teacher-forced) and ROUGE-L of the greedy
+  answer against the reference (:mod:`dplora_ray.data.metrics`).
 
 Invariants:
     * ``label_names`` and ``label_words`` have the same length (>= 2), without
@@ -27,7 +36,15 @@ from dataclasses import dataclass
 
 from dplora_ray.errors import DataError
 
-__all__ = ["ENGINE_TASK_TYPES", "TASKS", "TASK_TYPES", "Task", "get_task"]
+__all__ = [
+    "ENGINE_TASK_TYPES",
+    "GenerationTask",
+    "MultipleChoiceTask",
+    "TASKS",
+    "TASK_TYPES",
+    "Task",
+    "get_task",
+]
 
 _PLACEHOLDER = "{text}"
 
@@ -49,6 +66,7 @@ class Task:
     label_names: tuple[str, ...]
     label_words: tuple[str, ...]
     prompt_template: str
+    kind: str = "classification"
 
     def __post_init__(self) -> None:
         # Programming errors in a task definition, not user input: plain ValueError.
@@ -112,28 +130,116 @@ TASKS: dict[str, Task] = {
 CLASSIFICATION = "classification"
 GENERATION = "generation"
 MULTIPLE_CHOICE = "multiple_choice"
+
+
+@dataclass(frozen=True)
+class MultipleChoiceTask:
+    """Pick the likeliest of ``num_choices`` continuations of a prompt.
+
+    Attributes:
+        name: registry name (``data.task``).
+        prompt_template: the prompt with ``{text}`` (the goal/question); each choice
+            follows it after ``choice_prefix``.
+        num_choices: choices per example (fixed for a task).
+        choice_prefix: text between the prompt and a choice (a space, so a choice starts
+            a new word).
+    """
+
+    name: str
+    prompt_template: str
+    num_choices: int = 2
+    choice_prefix: str = " "
+    kind: str = MULTIPLE_CHOICE
+
+    def __post_init__(self) -> None:
+        if self.num_choices < 2:
+            raise ValueError(f"task {self.name!r}: need >= 2 choices")
+        if self.prompt_template.count(_PLACEHOLDER) != 1:
+            raise ValueError(f"task {self.name!r}: the template must contain {{text}} once")
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """One "label" per choice position: a label is the index of the right choice."""
+        return tuple(f"choice {i + 1}" for i in range(self.num_choices))
+
+    @property
+    def num_labels(self) -> int:
+        return self.num_choices
+
+    def format_prompt(self, text: str) -> str:
+        return self.prompt_template.replace(_PLACEHOLDER, text.strip())
+
+
+@dataclass(frozen=True)
+class GenerationTask:
+    """Answer a prompt in free text; trained on the answer tokens only.
+
+    Attributes:
+        name: registry name (``data.task``).
+        prompt_template: the prompt with ``{text}`` (the question); the answer follows it
+            after ``answer_prefix``.
+        answer_prefix: text between the prompt and the answer.
+    """
+
+    name: str
+    prompt_template: str
+    answer_prefix: str = " "
+    kind: str = GENERATION
+
+    def __post_init__(self) -> None:
+        if self.prompt_template.count(_PLACEHOLDER) != 1:
+            raise ValueError(f"task {self.name!r}: the template must contain {{text}} once")
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """A single pseudo-label (every example is "answer"), so partitioners and
+        balanced test draws treat the data as one class."""
+        return ("answer",)
+
+    @property
+    def num_labels(self) -> int:
+        return 1
+
+    def format_prompt(self, text: str) -> str:
+        return self.prompt_template.replace(_PLACEHOLDER, text.strip())
+
+
+#: multiple-choice tasks (``data.task``)
+CHOICE_TASKS: dict[str, MultipleChoiceTask] = {
+    # PIQA (Bisk et al. 2020): the goal, then one of two solutions
+    "multiple_choice": MultipleChoiceTask(
+        name="multiple_choice",
+        prompt_template="Question: {text}\nAnswer:",
+        num_choices=2,
+    ),
+}
+#: generation tasks (``data.task``)
+GENERATION_TASKS: dict[str, GenerationTask] = {
+    # MedQuAD-style consumer health questions answered in free text
+    "qa_generation": GenerationTask(
+        name="qa_generation",
+        prompt_template="Answer the medical question.\nQuestion: {text}\nAnswer:",
+    ),
+}
+AnyTask = Task | MultipleChoiceTask | GenerationTask
 #: ``data.task`` -> its task type
 TASK_TYPES: dict[str, str] = {
     **{name: CLASSIFICATION for name in TASKS},
-    "qa_generation": GENERATION,
-    "multiple_choice": MULTIPLE_CHOICE,
+    **{name: GENERATION for name in GENERATION_TASKS},
+    **{name: MULTIPLE_CHOICE for name in CHOICE_TASKS},
 }
 #: the task types the federated engine trains and evaluates
-ENGINE_TASK_TYPES: tuple[str, ...] = (CLASSIFICATION,)
+ENGINE_TASK_TYPES: tuple[str, ...] = (CLASSIFICATION, MULTIPLE_CHOICE, GENERATION)
 
 
-def get_task(name: str) -> Task:
-    """The registered task called ``name`` (``data.task``).
+def get_task(name: str) -> AnyTask:
+    """The registered task called ``name`` (``data.task``), of any type.
 
     Raises:
-        DataError: ``data.task`` names no registered task, or a task of a type the
-            engine does not run yet.
+        DataError: ``data.task`` names no registered task.
     """
-    kind = TASK_TYPES.get(name) if isinstance(name, str) else None
-    if kind is not None and kind not in ENGINE_TASK_TYPES:
-        raise DataError("data.task", name, f"is a {kind} task, not supported by the engine yet")
-    try:
-        return TASKS[name]
-    except (KeyError, TypeError):
-        choices = ", ".join(sorted(TASKS))
-        raise DataError("data.task", name, f"unknown task; choose one of {choices}") from None
+    for registry in (TASKS, CHOICE_TASKS, GENERATION_TASKS):
+        if isinstance(name, str) and name in registry:
+            return registry[name]
+    choices = ", ".join(sorted(TASK_TYPES))
+    raise DataError("data.task", name, f"unknown task; choose one of {choices}")

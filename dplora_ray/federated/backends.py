@@ -115,10 +115,11 @@ class RuntimeWorker(ClientWorker):
         return dataclasses.replace(result, update=None), result.update
 
     def evaluate_chunks(self, state: Mapping[str, torch.Tensor],
-                        chunks: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per-example loss and prediction for each chunk, each chunk scored as exactly
-        one batch (so the numbers do not depend on which worker got which chunk)."""
-        return [self.evaluate(state, c, batch_size=max(1, len(c))) for c in chunks]
+                        chunks: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """:meth:`ClientWorker.evaluate_detail` of each chunk, each chunk scored as
+        exactly one batch (so the numbers do not depend on which worker got which
+        chunk)."""
+        return [self.evaluate_detail(state, c, batch_size=max(1, len(c))) for c in chunks]
 
     # ---- issue 8 (privacy audit): label log-probabilities of planted sequences
     def audit_scores(self, state: Mapping[str, torch.Tensor],

@@ -169,6 +169,8 @@ class ClientWorker:
         self._a_keys = [k for k in self._params if ".lora_A." in k]
         self._b_keys = [k for k in self._params if ".lora_B." in k]
         self.label_ids = torch.tensor(data.label_token_ids, device=self.device)
+        self.task_type = data.task_type
+        self.choices = data.train.choices
         self.autocast = rt.bf16_autocast
         self.gsm = None
         if self.cfg.privacy.mode == "dpsgd":
@@ -211,6 +213,56 @@ class ClientWorker:
             if getattr(head, "bias", None) is not None:
                 logits = logits + head.bias[self.label_ids].float()
         return logits
+
+    def _target_logprobs(self, batch: Mapping[str, torch.Tensor], train: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the summed log-probability of its target tokens (given everything
+        before them) and the number of target tokens. Only the target positions go
+        through the (frozen) LM head, so a row's score depends on its own tokens only."""
+        base = self.model.get_base_model()
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        target = batch["target_mask"].to(self.device)[:, 1:].bool()
+        with self._autocast(self.autocast and train):
+            hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            rows, cols = target.nonzero(as_tuple=True)  # position cols predicts cols + 1
+            h = hidden[rows, cols]
+            head = base.get_output_embeddings()
+            logits = h.float() @ head.weight.float().T
+            if getattr(head, "bias", None) is not None:
+                logits = logits + head.bias.float()
+        lp = torch.log_softmax(logits, dim=-1).gather(
+            1, ids[rows, cols + 1].unsqueeze(1)).squeeze(1)
+        n_rows = ids.shape[0]
+        total = torch.zeros(n_rows, device=self.device, dtype=lp.dtype).index_add(0, rows, lp)
+        count = torch.zeros(n_rows, device=self.device, dtype=lp.dtype).index_add(
+            0, rows, torch.ones_like(lp))
+        return total, count
+
+    def _batch_loss(self, batch: Mapping[str, torch.Tensor], train: bool = True
+                    ) -> torch.Tensor:
+        """Per-example losses ``[examples]`` of the task type (see
+        :mod:`dplora_ray.data.tasks`)."""
+        labels = batch["labels"].to(self.device)
+        if self.task_type == "classification":
+            # one label token per sequence: the loss is per sequence by construction, so
+            # padding cannot mix examples (unlike HF's token-averaged `labels=` loss)
+            return F.cross_entropy(self._logits(batch, train), labels, reduction="none")
+        total, count = self._target_logprobs(batch, train)
+        if self.task_type == "multiple_choice":
+            scores = total.view(-1, self.choices)
+            return F.cross_entropy(scores, labels, reduction="none")
+        return -total / count.clamp_min(1.0)  # generation: mean NLL of the answer tokens
+
+    def _fold_grad_samples(self) -> None:
+        """Multiple choice under DP-SGD: an example is ``choices`` consecutive rows; sum
+        their per-row gradients into one per-example gradient before clipping."""
+        if self.choices == 1:
+            return
+        for p in self._params.values():
+            gs = p.grad_sample
+            if gs is not None and gs.shape[0] > 0:
+                p.grad_sample = gs.view(-1, self.choices, *gs.shape[1:]).sum(dim=1)
 
     def _load_global(self, state: Mapping[str, torch.Tensor]) -> None:
         load_lora_state_inplace(self.model, {k: v.float() for k, v in state.items()})
@@ -298,11 +350,8 @@ class ClientWorker:
         return min(1.0, self.cfg.federation.batch_size / len(job.indices))
 
     def _loss(self, idx: np.ndarray) -> torch.Tensor:
-        batch = self.data.train.batch(idx, self.data.pad_id)
-        logits = self._logits(batch)
-        # one label token per sequence: the loss is per sequence by construction, so
-        # padding cannot mix examples (unlike HF's token-averaged `labels=` loss)
-        return F.cross_entropy(logits, batch["labels"].to(self.device), reduction="mean")
+        """Mean per-example loss of the training examples ``idx``."""
+        return self._batch_loss(self.data.train.batch(idx, self.data.pad_id)).mean()
 
     def _train_plain(self, job: ClientJob) -> tuple[list[float], int, float]:
         rng = np.random.default_rng(job.seed)
@@ -344,7 +393,11 @@ class ClientWorker:
                         p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
                 else:
                     loss = self._loss(idx)
-                    loss.backward()
+                    # Opacus ("mean") scales each row's gradient by the number of rows;
+                    # with `choices` rows per example, dividing by `choices` and summing
+                    # an example's rows gives its per-example gradient
+                    (loss / self.choices).backward()
+                    self._fold_grad_samples()
                     losses.append(float(loss.detach()))
                 opt.step()
         finally:
@@ -399,12 +452,17 @@ class ClientWorker:
         gen = torch.Generator().manual_seed(1234)
         vocab = self.model.get_base_model().get_input_embeddings().weight.shape[0]
         bsz, width = 4, 12
+        rows = bsz * self.choices
+        n_labels = self.choices if self.task_type == "multiple_choice" else len(self.label_ids)
         batch = {
-            "input_ids": torch.randint(3, vocab, (bsz, width), generator=gen),
-            "attention_mask": torch.ones(bsz, width, dtype=torch.long),
-            "last_index": torch.full((bsz,), width - 1, dtype=torch.long),
-            "labels": torch.randint(0, len(self.label_ids), (bsz,), generator=gen),
+            "input_ids": torch.randint(3, vocab, (rows, width), generator=gen),
+            "attention_mask": torch.ones(rows, width, dtype=torch.long),
+            "last_index": torch.full((rows,), width - 1, dtype=torch.long),
+            "labels": torch.randint(0, max(1, n_labels), (bsz,), generator=gen),
         }
+        if self.task_type != "classification":  # the second half of each row is target
+            batch["target_mask"] = (torch.arange(width) >= width // 2).long().expand(
+                rows, width).clone()
         params = list(self._params.values())
         problems: list[str] = []
         self.model.train()
@@ -419,8 +477,8 @@ class ClientWorker:
                 opt.zero_grad(set_to_none=True)
                 failure = None
                 try:
-                    F.cross_entropy(self._logits(batch),
-                                    batch["labels"].to(self.device)).backward()
+                    (self._batch_loss(batch).mean() / self.choices).backward()
+                    self._fold_grad_samples()
                 except (IndexError, RuntimeError, ValueError) as exc:  # Opacus' hooks
                     failure = f"per-sample gradients failed ({type(exc).__name__}: {exc})"
                 for k, p in self._params.items():
@@ -435,7 +493,7 @@ class ClientWorker:
             else:
                 opt = torch.optim.SGD(params, lr=0.1)
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(self._logits(batch), batch["labels"].to(self.device)).backward()
+                self._batch_loss(batch).mean().backward()
                 for k, p in self._params.items():
                     if p.grad is None:
                         problems.append(f"{k}: no gradient")
@@ -463,24 +521,71 @@ class ClientWorker:
     @torch.inference_mode()
     def evaluate(self, state: Mapping[str, torch.Tensor], index: np.ndarray,
                  batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """Per-example label-word cross-entropy and predicted label on test examples."""
+        """Per-example loss and prediction on test examples (classification: label-word
+        cross-entropy and label; multiple choice: cross-entropy over the choice scores
+        and the likeliest choice; generation: mean answer-token NLL and 0)."""
+        out = self.evaluate_detail(state, index, batch_size, generate=False)
+        return out["loss"], out["pred"]
+
+    @torch.inference_mode()
+    def evaluate_detail(self, state: Mapping[str, torch.Tensor], index: np.ndarray,
+                        batch_size: int = 32, generate: bool = True) -> dict[str, Any]:
+        """:meth:`evaluate` plus, for generation tasks, per example the summed answer NLL
+        (``nll``), its token count (``tokens``) and, with ``generate``, the greedy answer's
+        token ids (``generated``, at most ``data.max_new_tokens``, cut at the first
+        end-of-sequence token)."""
         self._load_global(state)
         self.model.eval()
         index = np.asarray(index, dtype=np.int64)
         split = self.data.test
         order = index[np.argsort(split.lengths()[index], kind="stable")]
-        losses = np.zeros(len(index))
-        preds = np.zeros(len(index), dtype=np.int64)
+        n = len(index)
+        out: dict[str, Any] = {"loss": np.zeros(n), "pred": np.zeros(n, dtype=np.int64)}
+        gen_task = self.task_type == "generation"
+        if gen_task:
+            out.update(nll=np.zeros(n), tokens=np.zeros(n, dtype=np.int64))
+            if generate:
+                out["generated"] = [None] * n
         pos = {int(i): j for j, i in enumerate(index)}
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
+            at = [pos[int(i)] for i in chunk]
             batch = split.batch(chunk, self.data.pad_id)
-            logits = self._logits(batch, train=False).float().cpu()
-            loss = F.cross_entropy(logits, batch["labels"], reduction="none")
-            for row, i in enumerate(chunk):
-                losses[pos[int(i)]] = float(loss[row])
-                preds[pos[int(i)]] = int(logits[row].argmax())
-        return losses, preds
+            if self.task_type == "classification":
+                logits = self._logits(batch, train=False).float().cpu()
+                out["loss"][at] = F.cross_entropy(logits, batch["labels"],
+                                                  reduction="none").numpy()
+                out["pred"][at] = logits.argmax(dim=1).numpy()
+                continue
+            total, count = (t.double().cpu() for t in self._target_logprobs(batch, False))
+            if self.task_type == "multiple_choice":
+                scores = total.view(-1, self.choices)
+                out["loss"][at] = F.cross_entropy(scores, batch["labels"],
+                                                  reduction="none").numpy()
+                out["pred"][at] = scores.argmax(dim=1).numpy()
+                continue
+            out["nll"][at] = (-total).numpy()
+            out["tokens"][at] = count.numpy().astype(np.int64)
+            out["loss"][at] = (-total / count.clamp_min(1.0)).numpy()
+            if generate:
+                for j, ids in zip(at, self._generate(split.prompt_batch(chunk,
+                                                                         self.data.pad_id))):
+                    out["generated"][j] = ids
+        return out
+
+    def _generate(self, prompts: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
+        """Greedy answers (token ids, end-of-sequence and after removed)."""
+        eos = self.data.eos_id
+        ids = prompts["input_ids"].to(self.device)
+        gen = self.model.generate(
+            input_ids=ids, attention_mask=prompts["attention_mask"].to(self.device),
+            max_new_tokens=self.cfg.data.max_new_tokens, do_sample=False,
+            pad_token_id=self.data.pad_id, eos_token_id=eos)
+        out = []
+        for row in gen[:, ids.shape[1]:].cpu().numpy():
+            stop = np.flatnonzero(row == eos) if eos is not None else []
+            out.append(row[:stop[0]] if len(stop) else row)
+        return out
 
     def ping(self) -> int:
         return self.worker_index

@@ -106,7 +106,13 @@ from dplora_ray.federated.client import (
     ClientJob,
     tensor_bytes,
 )
-from dplora_ray.federated.encoding import EncodedData, encode_split, label_token_ids
+from dplora_ray.federated.encoding import (
+    EncodedData,
+    encode_choices,
+    encode_generation,
+    encode_split,
+    label_token_ids,
+)
 
 __all__ = [
     "ACCEPTED_STATUSES",
@@ -194,6 +200,8 @@ class RunPlan:
     model_source: str
     label_names: tuple[str, ...]
     audit: Any = None  # issue 8: the AuditPlan (dplora_ray.audit) when audit.enabled
+    tokenizer: Any = None  # the driver decodes generated answers (generation tasks)
+    references: list[str] | None = None  # generation: reference answers for ROUGE-L
 
     def client_rate(self, cid: int) -> float:
         return min(1.0, self.cfg.federation.batch_size / len(self.parts[cid]))
@@ -223,7 +231,7 @@ def _check_output(out_dir: Path, overwrite: bool) -> None:
                           "exists and is not empty; pass --overwrite or pick a new folder")
 
 
-def _encode(cfg: ExperimentConfig) -> tuple[EncodedData, Any, str]:
+def _encode(cfg: ExperimentConfig) -> tuple[EncodedData, Any, str, Any]:
     from transformers import AutoTokenizer
 
     from dplora_ray.data import load_data
@@ -240,15 +248,28 @@ def _encode(cfg: ExperimentConfig) -> tuple[EncodedData, Any, str]:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     task = loaded.task
-    label_ids = label_token_ids(tok, task.label_words)
     ml = cfg.model.max_length
-    train = encode_split(tok, task.prompt_template, loaded.train["text"].tolist(),
-                         loaded.train["label"].to_numpy(), ml)
-    test = encode_split(tok, task.prompt_template, loaded.test["text"].tolist(),
-                        loaded.test["label"].to_numpy(), ml)
-    data = EncodedData(train=train, test=test, label_token_ids=label_ids,
-                       pad_id=int(tok.pad_token_id), num_labels=len(task.label_names))
-    return data, loaded, source
+    common = {"pad_id": int(tok.pad_token_id), "num_labels": task.num_labels,
+              "task_type": task.kind, "eos_id": tok.eos_token_id}
+    if task.kind == "classification":
+        label_ids = label_token_ids(tok, task.label_words)
+        train = encode_split(tok, task.prompt_template, loaded.train["text"].tolist(),
+                             loaded.train["label"].to_numpy(), ml)
+        test = encode_split(tok, task.prompt_template, loaded.test["text"].tolist(),
+                            loaded.test["label"].to_numpy(), ml)
+    elif task.kind == "multiple_choice":
+        label_ids = ()
+        train, test = (encode_choices(tok, task.prompt_template, f["text"].tolist(),
+                                      f["choices"].tolist(), f["label"].to_numpy(),
+                                      task.num_choices, ml, task.choice_prefix)
+                       for f in (loaded.train, loaded.test))
+    else:
+        label_ids = ()
+        train, test = (encode_generation(tok, task.prompt_template, f["text"].tolist(),
+                                         f["target"].tolist(), ml, task.answer_prefix)
+                       for f in (loaded.train, loaded.test))
+    data = EncodedData(train=train, test=test, label_token_ids=label_ids, **common)
+    return data, loaded, source, tok
 
 
 def _privacy_plan(cfg: ExperimentConfig, parts: list[np.ndarray],
@@ -310,8 +331,12 @@ def plan_run(cfg: ExperimentConfig) -> RunPlan:
     """Everything that can fail on bad input, done before any output is written."""
     from dplora_ray.data import partition_indices
 
-    data, loaded, source = _encode(cfg)
+    data, loaded, source, tok = _encode(cfg)
     fed = cfg.federation
+    if cfg.audit.enabled and data.task_type != "classification":
+        raise ConfigError("audit.enabled", True,
+                          f"the privacy audit scores label words; data.task={cfg.data.task!r} "
+                          f"is a {data.task_type} task")
     groups = loaded.train["group"].to_numpy() if "group" in loaded.train else None
     if fed.num_clients > len(data.train):
         raise DataError("federation.num_clients", fed.num_clients,
@@ -325,7 +350,17 @@ def plan_run(cfg: ExperimentConfig) -> RunPlan:
 
         data, parts, audit = insert_canaries(cfg, data, parts, cohorts, source)
     privacy = _privacy_plan(cfg, parts, cohorts)
-    return RunPlan(cfg, data, parts, cohorts, privacy, source, loaded.task.label_names, audit)
+    references = None
+    if data.task_type == "generation":  # ROUGE-L references: the answers' first tokens
+        references = [tok.decode(_strip_eos(data.test.target_ids(i), data.eos_id)
+                                 [:cfg.data.max_new_tokens], skip_special_tokens=True)
+                      for i in range(len(data.test))]
+    return RunPlan(cfg, data, parts, cohorts, privacy, source, loaded.task.label_names, audit,
+                   tokenizer=tok, references=references)
+
+
+def _strip_eos(ids: np.ndarray, eos: int | None) -> np.ndarray:
+    return ids[ids != eos] if eos is not None else ids
 
 
 # =========================================================================== progress
@@ -368,6 +403,14 @@ class _NoLedger:
     def save(self, path: Path) -> None:
         R.write_json_atomic({"mode": "none", "unit_of_privacy": None, "entries": [],
                              "protects": "nothing: privacy.mode is 'none'"}, path)
+
+
+def _describe_eval(ev: tuple[float, ...]) -> str:
+    loss, acc, f1m, f1w, ppl, rouge = ev
+    if math.isnan(acc):  # generation
+        return f"perplexity {ppl:.3f}, ROUGE-L {rouge:.4f}, loss {loss:.4f}"
+    return (f"accuracy {acc:.4f}, macro-F1 {f1m:.4f}, weighted F1 {f1w:.4f}, "
+            f"loss {loss:.4f}")
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str | None:
@@ -689,9 +732,7 @@ class _Run:
         if prior is None:
             self.before = self.evaluate(backend.put(self.initial))
             self.last_eval = self.before
-            self.say(f"eval before training: accuracy {self.before[1]:.4f}, macro-F1 "
-                     f"{self.before[2]:.4f}, weighted F1 {self.before[3]:.4f}, loss "
-                     f"{self.before[0]:.4f} "
+            self.say(f"eval before training: {_describe_eval(self.before)} "
                      f"({len(self.plan.data.test)} held-out examples)")
         else:
             self.restore(prior)
@@ -732,8 +773,10 @@ class _Run:
         self.rounds_rows = list(ck["rounds"])
         self.client_rows = list(ck["clients"])
         # (loss, accuracy, macro-F1) + weighted F1, kept apart (absent in older checkpoints)
-        self.before = (*ck["eval_before"], ck.get("eval_before_f1_weighted"))
-        self.last_eval = (*ck["last_eval"], ck.get("last_eval_f1_weighted"))
+        self.before = (*ck["eval_before"], ck.get("eval_before_f1_weighted"),
+                       *ck.get("eval_before_generation", (math.nan, math.nan)))
+        self.last_eval = (*ck["last_eval"], ck.get("last_eval_f1_weighted"),
+                          *ck.get("last_eval_generation", (math.nan, math.nan)))
         self.stop_reason = ck["stop_reason"]
         self.done_rounds = int(ck["server_round"])
         self.finished = bool(ck["finished"])
@@ -774,6 +817,8 @@ class _Run:
             "last_eval": _plain(list(self.last_eval[:3])),
             "eval_before_f1_weighted": _plain(self.before[3]),
             "last_eval_f1_weighted": _plain(self.last_eval[3]),
+            "eval_before_generation": _plain(list(self.before[4:6])),
+            "last_eval_generation": _plain(list(self.last_eval[4:6])),
             "wall_seconds": self.elapsed(),
         }
         _write_checkpoint_atomic(payload, self.out / CHECKPOINT_FILE)
@@ -784,17 +829,16 @@ class _Run:
         self.ledger.save(self.out / "ledger.json")
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, state_ref: Any) -> tuple[float, float, float, float]:
-        """Loss, accuracy, macro-F1, weighted F1 on the test split; fixed batches (see
-        module doc).
+    def evaluate(self, state_ref: Any) -> tuple[float, ...]:
+        """Loss, accuracy, macro-F1, weighted F1, perplexity, ROUGE-L on the test split
+        (what the task type does not have is NaN); fixed batches (see module doc).
 
         Batches are dealt round-robin to the workers that are up; a lost worker's
         batches move on to the next one (evaluation spends no privacy)."""
         from dplora_ray.federated.backends import WorkerLost
 
         backend, test = self.backend, self.plan.data.test
-        losses = np.zeros(len(test))
-        preds = np.zeros(len(test), dtype=np.int64)
+        merged: dict[str, Any] = {}
         ws = self.pool.usable()
         todo = {w: list(range(i, len(self.eval_chunks), len(ws))) for i, w in enumerate(ws)}
         losses_left = max(1, self.rt.max_worker_restarts) * len(backend.workers)
@@ -812,20 +856,37 @@ class _Run:
                     self.pool.lost(w, exc.permanent)
                     retry += todo[w]
                     continue
-                for j, (loss, pred) in zip(todo[w], parts):
-                    losses[self.eval_chunks[j]] = loss
-                    preds[self.eval_chunks[j]] = pred
+                for j, part in zip(todo[w], parts):
+                    where = self.eval_chunks[j]
+                    for key, values in part.items():
+                        if key not in merged:
+                            merged[key] = ([None] * len(test) if isinstance(values, list)
+                                           else np.zeros(len(test), dtype=values.dtype))
+                        if isinstance(values, list):
+                            for i, v in zip(where, values):
+                                merged[key][i] = v
+                        else:
+                            merged[key][where] = values
             todo = {}
             if retry:
                 losses_left -= 1
                 if losses_left < 0:
                     raise RunFailedError("evaluation failed: client workers kept dying")
                 todo = {self.pool.usable()[0]: sorted(retry)}
-        from dplora_ray.data.metrics import f1_macro, f1_weighted
+        from dplora_ray.data.metrics import f1_macro, f1_weighted, perplexity, rouge_l
 
+        if self.plan.data.task_type == "generation":
+            tokens = merged["tokens"]
+            ppl = perplexity(merged["nll"], tokens)
+            loss = float(merged["nll"].sum() / max(1, tokens.sum()))  # per answer token
+            tok = self.plan.tokenizer
+            answers = [tok.decode(ids, skip_special_tokens=True) for ids in merged["generated"]]
+            return (loss, math.nan, math.nan, math.nan, ppl,
+                    rouge_l(answers, self.plan.references))
+        losses, preds = merged["loss"], merged["pred"]
         y, k = test.labels, self.plan.data.num_labels
         return (float(losses.mean()), float((preds == y).mean()), f1_macro(y, preds, k),
-                f1_weighted(y, preds, k))
+                f1_weighted(y, preds, k), math.nan, math.nan)
 
     def _note(self, msg: str) -> None:
         if self.bar is not None:
@@ -892,7 +953,8 @@ class _Run:
         do_eval = (r % fed.eval_every == 0) or r == fed.rounds
         if do_eval:
             self.last_eval = self.evaluate(backend.submit(self.aggregator, "get_state"))
-        eval_loss, eval_acc, eval_f1, eval_f1w = self.last_eval if do_eval else (math.nan,) * 4
+        eval_loss, eval_acc, eval_f1, eval_f1w, eval_ppl, eval_rouge = (
+            self.last_eval if do_eval else (math.nan,) * 6)
         eps_units = self.ledger.epsilons() if pp.mode != "none" else {}
         epsilon = max(eps_units.values()) if eps_units else None
         eps_mean = float(np.mean(list(eps_units.values()))) if eps_units else None
@@ -903,7 +965,7 @@ class _Run:
             R.SERVER_ROUND: r,
             R.TRAIN_LOSS: float(np.mean(losses)) if losses else math.nan,
             R.EVAL_LOSS: eval_loss, R.EVAL_ACCURACY: eval_acc, R.EVAL_F1_MACRO: eval_f1,
-            R.EVAL_F1_WEIGHTED: eval_f1w,
+            R.EVAL_F1_WEIGHTED: eval_f1w, R.EVAL_PERPLEXITY: eval_ppl, R.EVAL_ROUGE_L: eval_rouge,
             R.NUM_CLIENTS_SAMPLED: len(cohort), R.NUM_CLIENTS_COMPLETED: len(accepted),
             R.BYTES_UP: int(sum(o.result.bytes_up for o in outcomes.values()
                                 if o.result is not None)),
@@ -916,8 +978,9 @@ class _Run:
         self.done_rounds = r
         self.checkpoint()  # first the checkpoint, then the files it can rebuild
         self.write_results()
-        self.bar.update(loss=_fmt(row[R.TRAIN_LOSS]), acc=_fmt(self.last_eval[1]),
-                        eps=_fmt(epsilon, ".2f"))
+        shown = ({"rougeL": _fmt(self.last_eval[5])} if self.plan.data.task_type == "generation"
+                 else {"acc": _fmt(self.last_eval[1])})
+        self.bar.update(loss=_fmt(row[R.TRAIN_LOSS]), **shown, eps=_fmt(epsilon, ".2f"))
         return True
 
     def add_client_rows(self, r: int, outcomes: dict[int, _Outcome],
@@ -1043,8 +1106,11 @@ class _Run:
     def write_summary(self, stop_reason: str) -> dict[str, Any]:
         pp, pc, fed, rows = self.pp, self.pc, self.fed, self.rounds_rows
         private = pp.mode != "none"
-        before = getattr(self, "before", (None,) * 4)
-        last = self.last_eval if rows else (None,) * 4
+        def none_if_nan(ev: tuple[Any, ...]) -> tuple[Any, ...]:  # metrics of another task
+            return tuple(None if isinstance(x, float) and math.isnan(x) else x for x in ev)
+
+        before = none_if_nan(getattr(self, "before", (None,) * 6))
+        last = none_if_nan(self.last_eval) if rows else (None,) * 6
         summary = {
             "eval_accuracy_before": before[1],
             "eval_f1_macro_before": before[2],
@@ -1054,6 +1120,11 @@ class _Run:
             "eval_f1_macro": last[2],
             "eval_f1_weighted": last[3],
             "eval_loss": last[0],
+            "eval_perplexity_before": before[4],
+            "eval_perplexity": last[4],
+            "eval_rouge_l_before": before[5],
+            "eval_rouge_l": last[5],
+            "task_type": self.plan.data.task_type,
             "epsilon": self.ledger.epsilon() if private else None,
             "delta": pc.delta if private else None,
             "noise_multiplier": pp.noise_multiplier if private else None,
