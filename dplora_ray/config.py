@@ -195,6 +195,10 @@ class FederationConfig:
             the last global update on fewer than ``cmfl_threshold`` of the entries
             does not upload).
         cmfl_threshold: CMFL's relevance threshold, in [0, 1].
+        strategy: what is trained and sent: ``lora`` (the adapter; the default) or
+            ``full`` (Vanilla FL: FedAvg of the whole model, every weight trained and
+            sent every round; non-private, the communication reference; the result is
+            a full model folder instead of an adapter).
     """
 
     num_clients: int = 4
@@ -212,6 +216,7 @@ class FederationConfig:
     transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     compression: Literal["none", "ternary", "cmfl"] = "none"
     cmfl_threshold: float = 0.8
+    strategy: Literal["lora", "full"] = "lora"
 
     def __post_init__(self) -> None:
         for key in ("num_clients", "clients_per_round", "rounds", "local_steps",
@@ -435,6 +440,12 @@ class ExperimentConfig:
                "federation.compression", self.federation.compression,
                f"is a non-private baseline: needs privacy.mode=none, "
                f"not {self.privacy.mode!r}")
+        _check(self.federation.strategy == "lora" or self.privacy.mode == "none",
+               "federation.strategy", self.federation.strategy,
+               f"is a non-private baseline (Vanilla FL): needs privacy.mode=none, "
+               f"not {self.privacy.mode!r}")
+        _check(self.federation.strategy == "lora" or not self.audit.enabled,
+               "audit.enabled", True, "the privacy audit needs federation.strategy=lora")
         kill = self.runtime.kill_worker_at_round
         if kill is not None:
             _check(kill <= self.federation.rounds, "runtime.kill_worker_at_round", kill,

@@ -264,28 +264,51 @@ def lora_state(model: Any, trainable_only: bool) -> dict[str, torch.Tensor]:
     return dict(sorted(out.items()))
 
 
-def load_lora_state_inplace(model: Any, state: Mapping[str, Any]) -> None:
-    """Copy ``state`` (PEFT file keys -> tensors/arrays) into ``model``'s LoRA params.
+def lora_param_items(model: Any) -> list[tuple[str, Any]]:
+    """``(PEFT file key, parameter)`` of every LoRA parameter of ``model``."""
+    return [(_file_key(n), p) for n, p in model.named_parameters() if "lora_" in n]
+
+
+def load_state_inplace(params: Mapping[str, Any], state: Mapping[str, Any],
+                       what: str = "LoRA") -> None:
+    """Copy ``state`` (key -> tensor/array) into the parameters ``params`` (key ->
+    parameter) after checking every key and shape (nothing is copied on a mismatch).
 
     Raises:
-        ValueError: a key of ``state`` is not a LoRA parameter of the model, or a shape
-            differs; nothing is copied then. (Keys of the model missing from ``state``
-            are left untouched: FFA's frozen A is not sent.)
+        ValueError: a key of ``state`` is not in ``params``, or a shape differs. (Keys
+            of ``params`` missing from ``state`` are left untouched: FFA's frozen A is
+            not sent.)
     """
-    params = {_file_key(n): p for n, p in model.named_parameters() if "lora_" in n}
     unexpected = [k for k in state if k not in params]
     if unexpected:
-        raise ValueError(f"LoRA state has keys the model lacks: {unexpected[:3]}")
+        raise ValueError(f"{what} state has keys the model lacks: {unexpected[:3]}")
     tensors = {}
     for key, value in state.items():  # check everything before copying anything
         t = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
         if tuple(t.shape) != tuple(params[key].shape):
-            raise ValueError(f"LoRA tensor {key}: shape {tuple(t.shape)} != "
+            raise ValueError(f"{what} tensor {key}: shape {tuple(t.shape)} != "
                              f"{tuple(params[key].shape)}")
         tensors[key] = t
     with torch.no_grad():
         for key, t in tensors.items():
             params[key].copy_(t.to(params[key].dtype))
+
+
+def load_lora_state_inplace(model: Any, state: Mapping[str, Any]) -> None:
+    """Copy ``state`` (PEFT file keys -> tensors/arrays) into ``model``'s LoRA params;
+    see :func:`load_state_inplace`."""
+    load_state_inplace(dict(lora_param_items(model)), state)
+
+
+def save_full_model(out_dir: str | Path, model_cfg: ModelConfig,
+                    state: Mapping[str, Any]) -> None:
+    """Write the whole fine-tuned model (``federation.strategy=full``) as a Hugging Face
+    folder (``save_pretrained`` of the base with ``state`` loaded, plus its tokenizer)."""
+    model, tok = load_base_model(model_cfg)
+    load_state_inplace(dict(model.named_parameters()), state, what="model")
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
 
 
 def save_adapter(out_dir: str | Path, lora: LoraSection, base_model: str,

@@ -50,7 +50,14 @@ from dplora_ray.config import ExperimentConfig, config_from_dict
 from dplora_ray.errors import PreflightError
 from dplora_ray.federated.compression import cmfl_should_upload, ternary_encode
 from dplora_ray.federated.encoding import EncodedData
-from dplora_ray.models import build_lora_model, load_base_model, load_lora_state_inplace, lora_state
+from dplora_ray.models import (
+    build_lora_model,
+    load_base_model,
+    load_lora_state_inplace,
+    load_state_inplace,
+    lora_param_items,
+    lora_state,
+)
 from dplora_ray.privacy.noise import (
     NonFiniteUpdateError,
     add_gaussian_noise,
@@ -163,8 +170,16 @@ class ClientWorker:
         use_cuda = rt.gpus_per_worker > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
         base, _ = load_base_model(self.cfg.model)
-        self.model = build_lora_model(base, self.cfg.lora, seed=self.cfg.seed).to(self.device)
-        self._init_state = lora_state(self.model, trainable_only=False)
+        # federation.strategy=full (Vanilla FL): no adapter, every weight trains and travels
+        self.full = self.cfg.federation.strategy == "full"
+        if self.full:
+            base.requires_grad_(True)
+            self.model = base.to(self.device)
+            self._init_state = {k: p.detach().to("cpu", torch.float32).clone()
+                                for k, p in self._named_lora()}
+        else:
+            self.model = build_lora_model(base, self.cfg.lora, seed=self.cfg.seed).to(self.device)
+            self._init_state = lora_state(self.model, trainable_only=False)
         self._params = {k: p for k, p in self._named_lora() if p.requires_grad}
         self._a_keys = [k for k in self._params if ".lora_A." in k]
         self._b_keys = [k for k in self._params if ".lora_B." in k]
@@ -180,10 +195,14 @@ class ClientWorker:
 
     # ----------------------------------------------------------------- helpers
     def _named_lora(self):
-        from dplora_ray.models import _file_key
+        """The tensors that travel, keyed like the files they are saved in: LoRA
+        parameters (PEFT adapter keys), or every parameter with ``strategy=full``."""
+        if self.full:
+            return sorted(self.model.named_parameters())
+        return sorted(lora_param_items(self.model))
 
-        return sorted((_file_key(n), p) for n, p in self.model.named_parameters()
-                      if "lora_" in n)
+    def _base(self):
+        return self.model if self.full else self.model.get_base_model()
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """All LoRA tensors at their seeded init (A and B), float32 on CPU (also after
@@ -198,7 +217,7 @@ class ClientWorker:
 
     def _logits(self, batch: Mapping[str, torch.Tensor], train: bool = True) -> torch.Tensor:
         """Label-word logits at the last prompt token, shape [batch, num_labels]."""
-        base = self.model.get_base_model()
+        base = self._base()
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         # bf16 autocast speeds up training on CPUs with bf16 support; evaluation stays
@@ -219,7 +238,7 @@ class ClientWorker:
         """Per row: the summed log-probability of its target tokens (given everything
         before them) and the number of target tokens. Only the target positions go
         through the (frozen) LM head, so a row's score depends on its own tokens only."""
-        base = self.model.get_base_model()
+        base = self._base()
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         target = batch["target_mask"].to(self.device)[:, 1:].bool()
@@ -265,7 +284,11 @@ class ClientWorker:
                 p.grad_sample = gs.view(-1, self.choices, *gs.shape[1:]).sum(dim=1)
 
     def _load_global(self, state: Mapping[str, torch.Tensor]) -> None:
-        load_lora_state_inplace(self.model, {k: v.float() for k, v in state.items()})
+        state = {k: v.float() for k, v in state.items()}
+        if self.full:
+            load_state_inplace(dict(self._named_lora()), state, what="model")
+        else:
+            load_lora_state_inplace(self.model, state)
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         lr = self.cfg.federation.learning_rate
@@ -450,7 +473,7 @@ class ClientWorker:
         mode = self.cfg.privacy.mode
         before = {k: p.detach().clone() for k, p in self._params.items()}
         gen = torch.Generator().manual_seed(1234)
-        vocab = self.model.get_base_model().get_input_embeddings().weight.shape[0]
+        vocab = self._base().get_input_embeddings().weight.shape[0]
         bsz, width = 4, 12
         rows = bsz * self.choices
         n_labels = self.choices if self.task_type == "multiple_choice" else len(self.label_ids)

@@ -709,7 +709,8 @@ class _Run:
             what = {"dpsgd": "got per-sample gradients and changed after a private step",
                     "paper": "got gradients and changed after a private step"}.get(
                         pp.mode, "got gradients")
-            self.say(f"preflight passed ({info['checked_tensors']} LoRA tensors {what})")
+            kind = "tensors" if self.fed.strategy == "full" else "LoRA tensors"
+            self.say(f"preflight passed ({info['checked_tensors']} {kind} {what})")
         self.aggregator = backend.make_aggregator(
             initial=self.initial, mode=pp.mode, server_learning_rate=self.fed.server_learning_rate,
             clipping_norm=pc.clipping_norm, seed=cfg.seed,
@@ -1088,7 +1089,12 @@ class _Run:
         final_state = self.backend.get(self.backend.submit(self.aggregator, "get_state"))
         full = dict(self.init_full)
         full.update(dict(final_state))
-        save_adapter(self.out / "adapter", self.cfg.lora, self.plan.model_source, full)
+        if self.fed.strategy == "full":  # Vanilla FL: the whole model
+            from dplora_ray.models import save_full_model
+
+            save_full_model(self.out / "model", self.cfg.model, full)
+        else:
+            save_adapter(self.out / "adapter", self.cfg.lora, self.plan.model_source, full)
         if self.plan.audit is not None:  # issue 8: empirical privacy audit (docs/audit.md)
             from dplora_ray.audit import run_audit
 
