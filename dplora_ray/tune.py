@@ -7,6 +7,9 @@ A sweep file (YAML) names a base config and a search space over dotted config ke
     overrides:                          # fixed for every trial
       privacy.mode: dpsgd
       runtime.backend: inline
+    cases:                              # optional: settings that go together, each
+      - {data.recipe: synthetic}        # case crossed with the space's grid
+      - {data.recipe: vader, data.test_size: 150}
     space:                              # dotted config key -> distribution
       privacy.target_epsilon: {grid: [2, inf]}
       lora.r: {grid: [2, 4]}
@@ -15,6 +18,10 @@ A sweep file (YAML) names a base config and a search space over dotted config ke
     seed: 0                             # seeds the sampling of random distributions
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}         # the trial's own process
+
+``dplora-ray sweep FILE --set key=value`` adds fixed overrides from the command line
+(they win over the file's overrides and cases; a key swept in ``space`` is refused), e.g.
+to run a cluster sweep's trials shorter on a laptop.
 
 Distributions: ``grid`` (every value, crossed with the other grid keys), ``choice`` (one
 value drawn per trial), ``uniform`` / ``loguniform`` ``[low, high]`` (floats),
@@ -111,6 +118,7 @@ __all__ = [
     "run_sweep",
     "sweep_table",
     "trial_resources",
+    "with_cli_overrides",
 ]
 
 # ---------------------------------------------------------------- sweep.parquet schema
@@ -147,6 +155,12 @@ SWEEP_SCHEMA = pa.schema(
         (EVAL_F1_MACRO, pa.float64()),
         (EVAL_F1_WEIGHTED, pa.float64()),
         (EVAL_ACCURACY_BEFORE, pa.float64()),
+        # generation tasks (null otherwise)
+        (R.EVAL_PERPLEXITY, pa.float64()),
+        (R.EVAL_ROUGE_L, pa.float64()),
+        ("eval_perplexity_before", pa.float64()),
+        ("eval_rouge_l_before", pa.float64()),
+        ("eval_loss", pa.float64()),
         (EPSILON, pa.float64()),
         (DELTA, pa.float64()),
         (NOISE_MULTIPLIER, pa.float64()),
@@ -187,6 +201,11 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "eval_f1_macro": EVAL_F1_MACRO,
     "eval_f1_weighted": EVAL_F1_WEIGHTED,
     "eval_accuracy_before": EVAL_ACCURACY_BEFORE,
+    "eval_perplexity": R.EVAL_PERPLEXITY,
+    "eval_rouge_l": R.EVAL_ROUGE_L,
+    "eval_perplexity_before": "eval_perplexity_before",
+    "eval_rouge_l_before": "eval_rouge_l_before",
+    "eval_loss": "eval_loss",
     "epsilon": EPSILON,
     "delta": DELTA,
     "noise_multiplier": NOISE_MULTIPLIER,
@@ -206,6 +225,7 @@ _SWEEP_KEYS = (
     "description",
     "base",
     "overrides",
+    "cases",
     "space",
     "num_samples",
     "seed",
@@ -309,6 +329,9 @@ class SweepSpec:
         path: the sweep file.
         base: the base config file (resolved).
         overrides: fixed ``dotted.key -> value`` overrides for every trial.
+        cases: settings that go together (each a ``dotted.key -> value`` mapping, e.g. a
+            data set with its task and test size); every case is crossed with the grid.
+            Empty: one implicit case with no settings.
         space: the swept keys, in file order.
         num_samples: repetitions of each grid point (random keys drawn anew each time).
         seed: seed of the random draws.
@@ -321,6 +344,7 @@ class SweepSpec:
     path: Path
     base: Path
     overrides: dict[str, Any] = field(default_factory=dict)
+    cases: tuple[dict[str, Any], ...] = ()
     space: tuple[Param, ...] = ()
     num_samples: int = 1
     seed: int = 0
@@ -341,12 +365,23 @@ class SweepSpec:
             "sweep_file": str(self.path),
             "base": str(self.base),
             "overrides": {k: plain(v) for k, v in self.overrides.items()},
+            "cases": [{k: plain(v) for k, v in c.items()} for c in self.cases],
             "space": {p.key: {p.kind: [plain(v) for v in p.values]} for p in self.space},
             "num_samples": self.num_samples,
             "seed": self.seed,
             "max_concurrent_trials": self.max_concurrent_trials,
             "resources": {"cpu": self.cpu, "gpu": self.gpu},
         }
+
+    @property
+    def swept(self) -> list[str]:
+        """Keys that vary between trials: the cases' keys (first seen first), then the
+        space's (sweep.parquet has a column for each)."""
+        keys: dict[str, None] = {}
+        for case in self.cases:
+            keys.update(dict.fromkeys(case))
+        keys.update(dict.fromkeys(p.key for p in self.space))
+        return list(keys)
 
 
 def _resolve_base(base: Any, sweep_path: Path) -> Path:
@@ -358,6 +393,53 @@ def _resolve_base(base: Any, sweep_path: Path) -> Path:
     raise ConfigError(
         "base", base, f"no such file, relative to {sweep_path.parent} or to the current folder"
     )
+
+
+def _parse_cases(raw: Any, overrides: Mapping[str, Any],
+                 space: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("cases", raw, "must be a non-empty list of mappings of dotted keys")
+    out = []
+    for i, case in enumerate(raw):
+        if not isinstance(case, Mapping) or not case:
+            raise ConfigError(f"cases[{i}]", case, "must be a non-empty mapping of dotted keys")
+        for k in case:
+            if not isinstance(k, str):
+                raise ConfigError(f"cases[{i}]", k, "keys must be dotted config keys")
+            if k in overrides or k in space:
+                where = "a fixed override" if k in overrides else "swept in space"
+                raise ConfigError(f"cases[{i}].{k}", case[k], f"is also {where}; set it in "
+                                  "one place")
+        out.append({str(k): _normalise_value(v) for k, v in case.items()})
+    return tuple(out)
+
+
+def with_cli_overrides(spec: SweepSpec, pairs: Sequence[str]) -> SweepSpec:
+    """``spec`` with ``--set key=value`` pairs (YAML-typed values) added to its fixed
+    overrides; they win over the sweep file's overrides and cases, and may not name a
+    key swept in ``space``.
+
+    Raises:
+        ConfigError: a pair is not ``key=value`` or names a swept key.
+    """
+    import dataclasses
+
+    extra: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", pair, "must be KEY=VALUE")
+        key = key.strip()
+        if any(p.key == key for p in spec.space):
+            raise ConfigError(f"--set {key}", text, "is swept in the sweep's space")
+        extra[key] = _normalise_value(yaml.safe_load(text) if text.strip() else None)
+    if not extra:
+        return spec
+    # the cases stay (so do the trials and their names' indices), minus the keys set here
+    cases = tuple({k: v for k, v in c.items() if k not in extra} for c in spec.cases)
+    return dataclasses.replace(spec, overrides={**spec.overrides, **extra}, cases=cases)
 
 
 def _parse_param(key: Any, spec: Any) -> Param:
@@ -427,6 +509,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(
             f"space.{both[0]}", space_raw[both[0]], "is also a fixed override; set it in one place"
         )
+    cases = _parse_cases(raw.get("cases"), overrides, space_raw)
     resources = raw.get("resources") or {}
     if not isinstance(resources, Mapping):
         raise ConfigError("resources", resources, "must be a mapping like {cpu: 1, gpu: 0}")
@@ -452,6 +535,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         path=p.resolve(),
         base=base,
         overrides={str(k): _normalise_value(v) for k, v in overrides.items()},
+        cases=cases,
         space=space,
         num_samples=_number("num_samples", raw.get("num_samples", 1), minimum=1, integer=True),
         seed=_number("seed", raw.get("seed", 0), minimum=0, integer=True),
@@ -496,8 +580,9 @@ def trial_overrides(spec: SweepSpec, params: Mapping[str, Any]) -> dict[str, Any
 def expand_trials(spec: SweepSpec) -> list[TrialSpec]:
     """Every trial of the sweep, each with its config built and validated.
 
-    Grid keys are crossed (the last key varies fastest); each grid point is repeated
-    ``num_samples`` times, random keys drawn in trial order from ``seed``.
+    Cases (in file order) are crossed with the grid keys (the last key varies fastest);
+    each point is repeated ``num_samples`` times, random keys drawn in trial order from
+    ``seed``.
 
     Raises:
         ConfigError: the first trial config that is invalid, naming the key.
@@ -506,11 +591,13 @@ def expand_trials(spec: SweepSpec) -> list[TrialSpec]:
     rng = np.random.default_rng(spec.seed)
     trials: list[TrialSpec] = []
     points = list(itertools.product(*[p.values for p in grid])) if grid else [()]
-    for point in points:
+    for case, point in itertools.product(spec.cases or ({},), points):
         for _ in range(spec.num_samples):
             chosen = dict(zip((p.key for p in grid), point))
             params = {
-                p.key: chosen[p.key] if p.kind == "grid" else p.sample(rng) for p in spec.space
+                **case,
+                **{p.key: chosen[p.key] if p.kind == "grid" else p.sample(rng)
+                   for p in spec.space},
             }
             index = len(trials)
             name = _trial_name(index, params)
@@ -860,7 +947,7 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
 
-    swept = [p.key for p in spec.space]
+    swept = spec.swept
     trial_dirs = {t.name: out / "trials" / t.name for t in trials}
     base_rows = {t.name: _base_row(t, trial_dirs[t.name]) for t in trials}
     rows: dict[str, dict[str, Any]] = dict(base_rows)
@@ -1036,12 +1123,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)"
     )
     p.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a config key for every trial (repeatable; wins over the file's "
+                        "overrides and cases), e.g. --set federation.rounds=20")
     p.set_defaults(func=_cmd_sweep)
     return p
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    spec = load_sweep(args.sweep)
+    spec = with_cli_overrides(load_sweep(args.sweep), args.set)
     if args.validate:
         trials = expand_trials(spec)
         print(f"sweep {spec.name!r}: {len(trials)} trial(s), base {spec.base}; all valid")
