@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M reproduction of the DP-LoRA paper's study (docs/reproduction.md), on a
+# CPU machine: every run is `dplora-ray train` on a paper preset (configs/paper/) with
+# the paper's setting (5 clients, batch 8, lr 5e-4, clipping norm 10, privacy.mode=paper,
+# one local step per round) shortened to 15 rounds and a smaller test split, two runs at
+# a time with one thread each (inline clients, no worker actors).
+#   DPLORA_DATA_DIR=../shared/data bash analysis/reproduce_smollm2.sh [OUT] [JOBS]
+#   .venv/bin/python -m analysis.reproduction OUT      # the tables of docs/reproduction.md
+# Runs already finished in OUT (summary.json present) are skipped, so it can be resumed.
+set -euo pipefail
+OUT=${1:-runs/repro}
+JOBS=${2:-2}
+DPLORA=${DPLORA:-.venv/bin/dplora-ray}
+: "${DPLORA_DATA_DIR:?set DPLORA_DATA_DIR to a folder holding the paper data sets}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 DPLORA_DATA_DIR
+mkdir -p "$OUT"
+
+LOCAL="--set federation.rounds=15 --set federation.eval_every=15 --set runtime.backend=inline --set runtime.torch_threads=1"
+FPB="configs/paper/finance_fpb.yaml --set data.test_size=200"
+PIQA="configs/paper/general_piqa.yaml --set data.test_size=200"
+MEDQUAD="configs/paper/medical_medquad.yaml --set data.test_size=100 --set model.max_length=128 --set data.max_new_tokens=32"
+
+jobs=()
+add() { jobs+=("$1|$2"); }  # name | config and overrides
+for e in 1 2 4 8; do add "fpb_paper_eps$e" "$FPB --set privacy.target_epsilon=$e"; done
+add fpb_none "$FPB --set privacy.mode=none"
+for e in 1 2 4 8; do add "medquad_paper_eps$e" "$MEDQUAD --set privacy.target_epsilon=$e"; done
+add medquad_none "$MEDQUAD --set privacy.mode=none"
+for e in 1 2 4 8; do add "piqa_paper_eps$e" "$PIQA --set privacy.target_epsilon=$e"; done
+add piqa_none "$PIQA --set privacy.mode=none"
+# the paper's mechanism against example-level DP-SGD (Opacus) at equal epsilon
+for e in 2 8; do add "fpb_dpsgd_eps$e" "$FPB --set privacy.mode=dpsgd --set privacy.target_epsilon=$e"; done
+# communication baselines (non-private): FFA-LoRA, T-FedAvg, CMFL, Vanilla FL
+add fpb_ffa_none "$FPB --set privacy.mode=none --set lora.train_a=false"
+add fpb_ternary_none "$FPB --set privacy.mode=none --set federation.compression=ternary"
+add fpb_cmfl_none "$FPB --set privacy.mode=none --set federation.compression=cmfl --set federation.cmfl_threshold=0.5"
+add fpb_full_none "$FPB --set privacy.mode=none --set federation.strategy=full"
+
+run_one() {
+  local name=${1%%|*} args=${1#*|}
+  if [ -f "$OUT/$name/summary.json" ] && grep -q '"stop_reason": "completed"' "$OUT/$name/summary.json"; then
+    echo "skip $name (done)"; return 0
+  fi
+  echo "$(date +%T) start $name"
+  # shellcheck disable=SC2086
+  if "$DPLORA" train $args $LOCAL --out "$OUT/$name" --overwrite --no-progress > "$OUT/$name.log" 2>&1; then
+    echo "$(date +%T) done  $name"
+  else
+    echo "$(date +%T) FAILED $name (see $OUT/$name.log)"
+  fi
+}
+export -f run_one
+export OUT DPLORA LOCAL
+printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one "$@"' _ {}
