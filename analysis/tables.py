@@ -60,6 +60,8 @@ ACCURACY_MIN = "accuracy_min"
 ACCURACY_MAX = "accuracy_max"
 F1_MEAN = "f1_macro_mean"
 EPSILON_MEAN = "epsilon_spent_mean"
+ROUGE_L_MEAN = "rouge_l_mean"  # generation tasks (NaN otherwise)
+PERPLEXITY_MEAN = "perplexity_mean"
 
 # communication_table
 LORA_PARAMETERS = "lora_parameters"
@@ -77,8 +79,9 @@ def privacy_utility_table(
 ) -> pd.DataFrame:
     """Accuracy by ``by`` (default: target epsilon x LoRA rank), over finished trials.
 
-    Columns: ``by``, ``num_trials``, accuracy mean/std/min/max, macro-F1 mean, and the
-    epsilon actually spent (mean; NaN for non-private trials). Target epsilon ``inf``
+    Columns: ``by``, ``num_trials``, accuracy mean/std/min/max, macro-F1 mean, the
+    epsilon actually spent (mean; NaN for non-private trials), and for generation tasks
+    ROUGE-L and perplexity means (NaN otherwise). Target epsilon ``inf``
     (no privacy) sorts last.
     """
     ok = trials[trials[S.STATUS] == S.STATUS_OK]
@@ -92,6 +95,8 @@ def privacy_utility_table(
         ACCURACY_MAX,
         F1_MEAN,
         EPSILON_MEAN,
+        ROUGE_L_MEAN,
+        PERPLEXITY_MEAN,
     ]
     if ok.empty:
         return pd.DataFrame(columns=cols)
@@ -105,6 +110,10 @@ def privacy_utility_table(
             ACCURACY_MAX: g[S.EVAL_ACCURACY].max(),
             F1_MEAN: g[S.EVAL_F1_MACRO].mean(),
             EPSILON_MEAN: g[S.EPSILON].mean(),
+            ROUGE_L_MEAN: (g[R.EVAL_ROUGE_L].mean() if R.EVAL_ROUGE_L in ok
+                           else g[S.EVAL_ACCURACY].mean() * math.nan),
+            PERPLEXITY_MEAN: (g[R.EVAL_PERPLEXITY].mean() if R.EVAL_PERPLEXITY in ok
+                              else g[S.EVAL_ACCURACY].mean() * math.nan),
         }
     )
     out = out.reset_index() if by else out.reset_index(drop=True)
