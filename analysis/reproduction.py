@@ -29,9 +29,17 @@ import pandas as pd
 
 from analysis.tables import markdown_table
 
-__all__ = ["communication", "load_runs", "main", "mechanism_table", "utility_table"]
+__all__ = ["communication", "load_runs", "main", "mechanism_table", "plot_utility",
+           "utility_table"]
 
 PAPER_LIVEQA = (69.4, 55.9)  # Llama-2-7B on LiveQA: no DP, epsilon = 2 (the paper)
+_ORDER = ("fpb", "tfns", "pubmedqa", "medquad", "piqa")
+
+
+def _recipes(df: pd.DataFrame) -> list[str]:
+    """The data sets present, the paper's in domain order first."""
+    return sorted(df["recipe"].unique(),
+                  key=lambda r: (_ORDER.index(r) if r in _ORDER else len(_ORDER), r))
 
 
 def load_runs(root: str | Path) -> pd.DataFrame:
@@ -212,10 +220,48 @@ def communication(df: pd.DataFrame, recipe: str = "fpb", paper_rounds: int = 50
     return pd.DataFrame(rows)
 
 
+def plot_utility(df: pd.DataFrame, path: str | Path) -> Path | None:
+    """One panel per data set: the metric at each target epsilon (paper mechanism; DP-SGD
+    where it ran) with the non-private run as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = [r for r in _recipes(df) if not utility_table(df, r).empty]
+    if not recipes:
+        return None
+    fig, axes = plt.subplots(1, len(recipes), figsize=(4.2 * len(recipes), 3.4), squeeze=False)
+    for ax, recipe in zip(axes[0], recipes):
+        runs = _plain_lora(df[df["recipe"] == recipe])
+        generation = runs["task_type"].iloc[0] == "generation"
+        metric, label = ("rouge_l", "ROUGE-L") if generation else ("accuracy", "accuracy")
+        for mode, style in (("paper", "o-"), ("dpsgd", "s--")):
+            r = runs[(runs["mode"] == mode)].sort_values("target_epsilon")
+            if not r.empty:
+                ax.plot(r["target_epsilon"], r[metric], style, label=f"{mode} mechanism")
+        ref = runs[runs["mode"] == "none"]
+        if not ref.empty:
+            ax.axhline(float(ref[metric].iloc[0]), color="k", ls="--", lw=1, label="no DP")
+            ax.axhline(float(ref[f"{metric}_before"].iloc[0]), color="grey", ls=":", lw=1,
+                       label="before training")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("target epsilon (delta 1e-5)")
+        ax.set_ylabel(label)
+        ax.set_title(recipe)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.reproduction", description=__doc__)
     p.add_argument("root", help="folder of runs (analysis/reproduce_smollm2.sh OUT)")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
+    p.add_argument("--plot", default=None, help="write the utility-vs-epsilon plot (PNG)")
     args = p.parse_args(argv)
     df = load_runs(args.root)
     if df.empty:
@@ -226,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "perplexity": ".2f", "perplexity before": ".2f", "epsilon spent": ".3f",
            "noise multiplier": ".4g"}
     parts = []
-    for recipe in ("fpb", "tfns", "pubmedqa", "medquad", "piqa"):
+    for recipe in _recipes(df):
         t = utility_table(df, recipe)
         if not t.empty:
             parts.append(f"### {recipe}\n\n{markdown_table(t, fmt)}")
@@ -242,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
+    if args.plot and plot_utility(df, args.plot):
+        print(f"plot: {args.plot}", file=sys.stderr)
     return 0
 
 

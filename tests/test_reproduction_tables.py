@@ -74,3 +74,14 @@ def test_communication_table_bytes_match_the_run_files(runs: Path) -> None:
     assert t.loc["Vanilla FL (full model), no DP", "bytes up per upload"] == 4 * 33_472
     computed = t.loc["T-FedAvg (full model, ternary), computed", "bytes up per upload"]
     assert 33_472 / 4 < computed < 33_472 / 4 + 4 * 30  # 2 bits per weight + scales
+
+
+def test_cli_prints_tables_and_writes_the_plot(runs: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    md, png = tmp_path / "t.md", tmp_path / "u.png"
+    assert REP.main([str(runs), "--markdown", str(md), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "### communication (fpb)" not in out  # no fpb runs here
+    assert "### synthetic" in out and "### runs" in out and md.read_text().strip() == out.strip()
+    assert png.stat().st_size > 5000
+    assert REP.main([str(tmp_path / "empty")]) == 2

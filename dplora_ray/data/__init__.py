@@ -22,11 +22,13 @@ from __future__ import annotations
 from dplora_ray.data.loading import LoadedData, cache_dir, load_data
 from dplora_ray.data.partition import label_histogram, partition_indices
 from dplora_ray.data.recipes import PAPER_RECIPES, load_examples
-from dplora_ray.data.tasks import TASKS, Task, get_task
+from dplora_ray.data.tasks import TASKS, GenerationTask, MultipleChoiceTask, Task, get_task
 
 __all__ = [
     "PAPER_RECIPES",
     "TASKS",
+    "GenerationTask",
+    "MultipleChoiceTask",
     "LoadedData",
     "Task",
     "cache_dir",

@@ -21,6 +21,13 @@ Local training modes (``privacy.mode``):
   gradient of all A factors and that of all B factors are each clipped to C, each gets
   N(0, sigma^2 C^2), then the optimizer steps; Poisson batches as above.
 
+Task types (``data.task``, :mod:`dplora_ray.data.tasks`): classification reads the
+label-word logits at the last prompt token; multiple choice and generation score target
+tokens with the causal-LM log-likelihood (:meth:`ClientWorker._target_logprobs`). A
+multiple-choice example is several rows (one per choice); under DP-SGD the rows' per-sample
+gradients are summed into one per-example gradient before Opacus clips them.
+``federation.strategy=full`` (Vanilla FL) trains and sends every weight instead of LoRA.
+
 Invariants: what leaves a worker is LoRA tensors (in the transfer dtype, already noised in
 ``dpsgd``/``paper``/``local``) and scalar metrics; never text, token ids or labels.
 Randomness comes only from the job's seed (batch sampling, noise, dropout).
