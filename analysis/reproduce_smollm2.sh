@@ -26,20 +26,28 @@ for e in 1 2 4 8; do add "fpb_paper_eps$e" "$FPB --set privacy.target_epsilon=$e
 add fpb_none "$FPB --set privacy.mode=none"
 for e in 1 2 4 8; do add "medquad_paper_eps$e" "$MEDQUAD --set privacy.target_epsilon=$e"; done
 add medquad_none "$MEDQUAD --set privacy.mode=none"
-for e in 1 2 4 8; do add "piqa_paper_eps$e" "$PIQA --set privacy.target_epsilon=$e"; done
+add piqa_paper_eps1 "$PIQA --set privacy.target_epsilon=1"
 add piqa_none "$PIQA --set privacy.mode=none"
 # the paper's mechanism against example-level DP-SGD (Opacus) at equal epsilon
 for e in 2 8; do add "fpb_dpsgd_eps$e" "$FPB --set privacy.mode=dpsgd --set privacy.target_epsilon=$e"; done
-# communication baselines (non-private): FFA-LoRA, T-FedAvg, CMFL, Vanilla FL
-add fpb_ffa_none "$FPB --set privacy.mode=none --set lora.train_a=false"
+# communication baselines (non-private): Vanilla FL, T-FedAvg, CMFL, FFA-LoRA
+add fpb_full_none "$FPB --set privacy.mode=none --set federation.strategy=full"
 add fpb_ternary_none "$FPB --set privacy.mode=none --set federation.compression=ternary"
 add fpb_cmfl_none "$FPB --set privacy.mode=none --set federation.compression=cmfl --set federation.cmfl_threshold=0.5"
-add fpb_full_none "$FPB --set privacy.mode=none --set federation.strategy=full"
+add fpb_ffa_none "$FPB --set privacy.mode=none --set lora.train_a=false"
+# DP-SGD with a tighter clipping norm (C = 1): how much of the loss is the paper's C = 10
+for e in 8 2; do add "fpb_dpsgd_c1_eps$e" "$FPB --set privacy.mode=dpsgd --set privacy.clipping_norm=1 --set privacy.target_epsilon=$e"; done
+for e in 2 4 8; do add "piqa_paper_eps$e" "$PIQA --set privacy.target_epsilon=$e"; done
+# five times the local steps (the accountant charges them: a larger sigma for the same epsilon)
+add fpb_dpsgd_c1_eps8_steps5 "$FPB --set privacy.mode=dpsgd --set privacy.clipping_norm=1 --set privacy.target_epsilon=8 --set federation.local_steps=5"
 
 run_one() {
   local name=${1%%|*} args=${1#*|}
   if [ -f "$OUT/$name/summary.json" ] && grep -q '"stop_reason": "completed"' "$OUT/$name/summary.json"; then
     echo "skip $name (done)"; return 0
+  fi
+  if pgrep -f -- "--out $OUT/$name --overwrite" >/dev/null; then
+    echo "skip $name (running elsewhere)"; return 0
   fi
   echo "$(date +%T) start $name"
   # shellcheck disable=SC2086
