@@ -65,6 +65,8 @@ def load_runs(root: str | Path) -> pd.DataFrame:
                                else math.inf),
             "epsilon": s["epsilon"],
             "noise_multiplier": s["noise_multiplier"],
+            "clipping_norm": cfg.privacy.clipping_norm,
+            "local_steps": cfg.federation.local_steps,
             "accuracy_before": s["eval_accuracy_before"],
             "accuracy": s["eval_accuracy"],
             "f1_weighted": s["eval_f1_weighted"],
@@ -126,20 +128,19 @@ def utility_table(df: pd.DataFrame, recipe: str, mode: str = "paper") -> pd.Data
 
 
 def mechanism_table(df: pd.DataFrame, recipe: str = "fpb") -> pd.DataFrame:
-    """``paper`` against ``dpsgd`` at each target epsilon both ran."""
+    """Every ``paper`` and ``dpsgd`` run at a target epsilon some ``dpsgd`` run used, with
+    its clipping norm and local steps."""
     runs = _plain_lora(df[df["recipe"] == recipe])
-    dp = runs[runs["mode"] == "dpsgd"]
-    rows = []
-    for eps in sorted(dp["target_epsilon"]):
-        for mode in ("paper", "dpsgd"):
-            r = runs[(runs["mode"] == mode) & (runs["target_epsilon"] == eps)]
-            if r.empty:
-                continue
-            r = r.iloc[0]
-            rows.append({"target epsilon": eps, "mechanism": mode, "epsilon spent": r["epsilon"],
-                         "noise multiplier": r["noise_multiplier"], "accuracy": r["accuracy"],
-                         "weighted F1": r["f1_weighted"]})
-    return pd.DataFrame(rows)
+    eps = sorted(set(runs.loc[runs["mode"] == "dpsgd", "target_epsilon"]))
+    runs = runs[runs["mode"].isin(["paper", "dpsgd"]) & runs["target_epsilon"].isin(eps)]
+    runs = runs.sort_values(["target_epsilon", "mode", "clipping_norm", "local_steps"],
+                            ascending=[True, False, False, True])
+    return pd.DataFrame({
+        "target epsilon": runs["target_epsilon"], "mechanism": runs["mode"],
+        "C": runs["clipping_norm"], "local steps": runs["local_steps"],
+        "epsilon spent": runs["epsilon"], "noise multiplier": runs["noise_multiplier"],
+        "accuracy": runs["accuracy"], "weighted F1": runs["f1_weighted"],
+    }).reset_index(drop=True)
 
 
 def _full_model_ternary_bytes(model_name: str) -> int | None:
