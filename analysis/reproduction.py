@@ -237,10 +237,11 @@ def plot_utility(df: pd.DataFrame, path: str | Path) -> Path | None:
         runs = _plain_lora(df[df["recipe"] == recipe])
         generation = runs["task_type"].iloc[0] == "generation"
         metric, label = ("rouge_l", "ROUGE-L") if generation else ("accuracy", "accuracy")
-        for mode, style in (("paper", "o-"), ("dpsgd", "s--")):
-            r = runs[(runs["mode"] == mode)].sort_values("target_epsilon")
-            if not r.empty:
-                ax.plot(r["target_epsilon"], r[metric], style, label=f"{mode} mechanism")
+        private = runs[runs["mode"].isin(["paper", "dpsgd"])]
+        for (mode, c, steps), r in private.groupby(["mode", "clipping_norm", "local_steps"]):
+            r = r.sort_values("target_epsilon")
+            ax.plot(r["target_epsilon"], r[metric], "o-" if mode == "paper" else "s--",
+                    label=f"{mode}, C={c:g}, {steps} local step(s)")
         ref = runs[runs["mode"] == "none"]
         if not ref.empty:
             ax.axhline(float(ref[metric].iloc[0]), color="k", ls="--", lw=1, label="no DP")
