@@ -43,6 +43,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "parse_override",
     "save_config",
 ]
 
@@ -577,7 +578,8 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return out
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
+    """``dotted.key=value`` -> (key, YAML-typed value); ConfigError when there is no ``=``."""
     if "=" not in item:
         raise ConfigError("--set", item, "must look like dotted.key=value")
     key, text = item.split("=", 1)
@@ -599,7 +601,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[s
     out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v)
                            for k, v in raw.items()}
     items = (list(overrides.items()) if isinstance(overrides, Mapping)
-             else [_parse_override(o) for o in overrides])
+             else [parse_override(o) for o in overrides])
     valid = set(all_keys())
     for key, value in items:
         if key not in valid:

@@ -426,15 +426,14 @@ def with_cli_overrides(spec: SweepSpec, pairs: Sequence[str]) -> SweepSpec:
     """
     import dataclasses
 
+    from dplora_ray.config import parse_override
+
     extra: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError("--set", pair, "must be KEY=VALUE")
-        key = key.strip()
+        key, value = parse_override(pair)
         if any(p.key == key for p in spec.space):
-            raise ConfigError(f"--set {key}", text, "is swept in the sweep's space")
-        extra[key] = _normalise_value(yaml.safe_load(text) if text.strip() else None)
+            raise ConfigError(f"--set {key}", value, "is swept in the sweep's space")
+        extra[key] = _normalise_value(value)
     if not extra:
         return spec
     # the cases stay (so do the trials and their names' indices), minus the keys set here

@@ -49,6 +49,17 @@ __all__ = [
 _PLACEHOLDER = "{text}"
 
 
+def _check_template(name: str, template: str) -> None:
+    # programming errors in a task definition, not user input: plain ValueError
+    if template.count(_PLACEHOLDER) != 1:
+        raise ValueError(f"task {name!r}: the template must contain {{text}} once")
+
+
+def _fill(template: str, text: str) -> str:
+    """``template`` with ``{text}`` replaced literally (braces in ``text`` are kept)."""
+    return template.replace(_PLACEHOLDER, text.strip())
+
+
 @dataclass(frozen=True)
 class Task:
     """A classification task posed to a causal language model.
@@ -76,8 +87,7 @@ class Task:
             raise ValueError(f"task {self.name!r}: duplicate label names")
         if len(set(self.label_words)) != len(self.label_words):
             raise ValueError(f"task {self.name!r}: duplicate label words")
-        if self.prompt_template.count(_PLACEHOLDER) != 1:
-            raise ValueError(f"task {self.name!r}: the template must contain {{text}} once")
+        _check_template(self.name, self.prompt_template)
         if self.prompt_template != self.prompt_template.rstrip():
             raise ValueError(f"task {self.name!r}: the template must not end in whitespace")
 
@@ -88,7 +98,7 @@ class Task:
     def format_prompt(self, text: str) -> str:
         """The prompt for one example (``{text}`` replaced literally; braces in ``text``
         are kept as they are)."""
-        return self.prompt_template.replace(_PLACEHOLDER, text.strip())
+        return _fill(self.prompt_template, text)
 
 
 TASKS: dict[str, Task] = {
@@ -154,8 +164,7 @@ class MultipleChoiceTask:
     def __post_init__(self) -> None:
         if self.num_choices < 2:
             raise ValueError(f"task {self.name!r}: need >= 2 choices")
-        if self.prompt_template.count(_PLACEHOLDER) != 1:
-            raise ValueError(f"task {self.name!r}: the template must contain {{text}} once")
+        _check_template(self.name, self.prompt_template)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -167,7 +176,7 @@ class MultipleChoiceTask:
         return self.num_choices
 
     def format_prompt(self, text: str) -> str:
-        return self.prompt_template.replace(_PLACEHOLDER, text.strip())
+        return _fill(self.prompt_template, text)
 
 
 @dataclass(frozen=True)
@@ -187,8 +196,7 @@ class GenerationTask:
     kind: str = GENERATION
 
     def __post_init__(self) -> None:
-        if self.prompt_template.count(_PLACEHOLDER) != 1:
-            raise ValueError(f"task {self.name!r}: the template must contain {{text}} once")
+        _check_template(self.name, self.prompt_template)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -201,7 +209,7 @@ class GenerationTask:
         return 1
 
     def format_prompt(self, text: str) -> str:
-        return self.prompt_template.replace(_PLACEHOLDER, text.strip())
+        return _fill(self.prompt_template, text)
 
 
 #: multiple-choice tasks (``data.task``)

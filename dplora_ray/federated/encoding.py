@@ -141,46 +141,33 @@ def label_token_ids(tokenizer, label_words: Sequence[str]) -> tuple[int, ...]:
 
 def encode_split(tokenizer, template: str, texts: Sequence[str], labels: Sequence[int],
                  max_length: int) -> EncodedSplit:
+    """Classification: one prompt per example, at most ``max_length`` tokens."""
+    return _pack(_prompts(tokenizer, template, texts, max_length), None, labels, 1)
+
+
+def _prompts(tokenizer, template: str, texts: Sequence[str], budget: int) -> list[list[int]]:
+    """Prompt token ids of at most ``budget`` tokens: the text part is cut so the
+    template's head and tail (and a BOS token, when the tokenizer adds one) survive."""
     head, tail = template.split("{text}", 1)
     head_ids = tokenizer.encode(head, add_special_tokens=False) if head else []
     tail_ids = tokenizer.encode(tail, add_special_tokens=False) if tail else []
     bos = [tokenizer.bos_token_id] if (getattr(tokenizer, "add_bos_token", False)
                                        and tokenizer.bos_token_id is not None) else []
-    budget = max(1, max_length - len(head_ids) - len(tail_ids) - len(bos))
+    room = max(1, budget - len(head_ids) - len(tail_ids) - len(bos))
     body = tokenizer([str(t).strip() for t in texts], add_special_tokens=False)["input_ids"]
-    seqs = [bos + head_ids + b[:budget] + tail_ids for b in body]
-    lens = np.array([len(s) for s in seqs], dtype=np.int64)
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(lens.sum()))
-    return EncodedSplit(ids=flat, offsets=offsets, labels=np.asarray(labels, dtype=np.int64))
+    return [bos + head_ids + b[:room] + tail_ids for b in body]
 
 
-def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if (getattr(tokenizer, "add_bos_token", False)
-                                        and tokenizer.bos_token_id is not None) else []
-
-
-def _prompts(tokenizer, template: str, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Prompt token ids whose text part is cut so the prompt keeps at most half of
-    ``max_length`` (the template's tail always survives)."""
-    head, tail = template.split("{text}", 1)
-    head_ids = tokenizer.encode(head, add_special_tokens=False) if head else []
-    tail_ids = tokenizer.encode(tail, add_special_tokens=False) if tail else []
-    bos = _bos(tokenizer)
-    budget = max(1, max_length // 2 - len(head_ids) - len(tail_ids) - len(bos))
-    body = tokenizer([str(t).strip() for t in texts], add_special_tokens=False)["input_ids"]
-    return [bos + head_ids + b[:budget] + tail_ids for b in body]
-
-
-def _pack(seqs: list[list[int]], prompt_lens: list[int], labels: Sequence[int],
+def _pack(seqs: list[list[int]], prompt_lens: list[int] | None, labels: Sequence[int],
           choices: int) -> EncodedSplit:
     lens = np.array([len(s) for s in seqs], dtype=np.int64)
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
     flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(lens.sum()))
     return EncodedSplit(ids=flat, offsets=offsets, labels=np.asarray(labels, dtype=np.int64),
-                        prompt_lens=np.asarray(prompt_lens, dtype=np.int64), choices=choices)
+                        prompt_lens=(None if prompt_lens is None
+                                     else np.asarray(prompt_lens, dtype=np.int64)),
+                        choices=choices)
 
 
 def encode_choices(tokenizer, template: str, texts: Sequence[str],
@@ -188,7 +175,7 @@ def encode_choices(tokenizer, template: str, texts: Sequence[str],
                    max_length: int, prefix: str = " ") -> EncodedSplit:
     """Multiple choice: per example ``num_choices`` sequences, prompt + prefix + choice;
     each choice keeps at least one token."""
-    prompts = _prompts(tokenizer, template, texts, max_length)
+    prompts = _prompts(tokenizer, template, texts, max_length // 2)
     seqs, plens = [], []
     flat_choices = []
     for i, ch in enumerate(choices):
@@ -210,7 +197,7 @@ def encode_generation(tokenizer, template: str, texts: Sequence[str], answers: S
                       max_length: int, prefix: str = " ") -> EncodedSplit:
     """Generation: prompt + prefix + answer (+ end-of-sequence when it fits); the answer
     keeps at least one token."""
-    prompts = _prompts(tokenizer, template, texts, max_length)
+    prompts = _prompts(tokenizer, template, texts, max_length // 2)
     enc = tokenizer([prefix + str(a).strip() for a in answers],
                     add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
