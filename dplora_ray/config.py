@@ -48,8 +48,6 @@ __all__ = [
 ]
 
 PrivacyMode = Literal["none", "dpsgd", "paper", "client", "local"]
-EXAMPLE_LEVEL_MODES = ("dpsgd", "paper")
-CLIENT_LEVEL_MODES = ("client", "local")
 
 
 def _check(cond: bool, key: str, value: object, reason: str) -> None:
@@ -254,6 +252,10 @@ class PrivacyConfig:
             (default: ``target_epsilon``).
         preflight: one private step on one batch before training, checking that every
             trainable LoRA tensor gets a per-sample gradient and changes.
+        noise_seed: research and tests only. None (the default): every run draws a
+            secret noise key from the operating system, kept only in ``checkpoint.pt``.
+            An integer makes the noise a public function of it: reproducible, and NOT
+            private against anyone who knows it (docs/privacy.md).
 
     In mode ``none`` the noise and budget keys are ignored.
     """
@@ -266,8 +268,12 @@ class PrivacyConfig:
     accountant: Literal["rdp", "prv"] = "rdp"
     max_epsilon: float | None = None
     preflight: bool = True
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
+        modes = typing.get_args(PrivacyMode)
+        _check(self.mode in modes, "privacy.mode", self.mode,
+               f"must be one of {', '.join(repr(m) for m in modes)}")
         _check(0.0 < self.delta < 1.0, "privacy.delta", self.delta, "must be in (0, 1)")
         _check(math.isfinite(self.clipping_norm) and self.clipping_norm > 0,
                "privacy.clipping_norm", self.clipping_norm, "must be > 0")
@@ -281,7 +287,10 @@ class PrivacyConfig:
         if self.max_epsilon is not None:
             _check(self.max_epsilon > 0, "privacy.max_epsilon", self.max_epsilon,
                    "must be > 0")
-        if self.mode == "none":
+        if self.noise_seed is not None:
+            _check(self.noise_seed >= 0, "privacy.noise_seed", self.noise_seed,
+                   "must be an integer >= 0 (or null for a secret noise key)")
+        if not self.enabled:
             return
         _check(not (self.target_epsilon is not None and self.noise_multiplier is not None),
                "privacy.noise_multiplier", self.noise_multiplier,
@@ -294,7 +303,9 @@ class PrivacyConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.mode != "none"
+        from dplora_ray.privacy.mechanisms import get_mechanism
+
+        return get_mechanism(self.mode).private
 
     @property
     def budget(self) -> float | None:
@@ -437,11 +448,11 @@ class ExperimentConfig:
         if self.federation.partition == "natural" and self.data.recipe == "custom":
             _check(self.data.group_column is not None, "data.group_column", None,
                    "is required by federation.partition='natural'")
-        _check(self.federation.compression == "none" or self.privacy.mode == "none",
+        _check(self.federation.compression == "none" or not self.privacy.enabled,
                "federation.compression", self.federation.compression,
                f"is a non-private baseline: needs privacy.mode=none, "
                f"not {self.privacy.mode!r}")
-        _check(self.federation.strategy == "lora" or self.privacy.mode == "none",
+        _check(self.federation.strategy == "lora" or not self.privacy.enabled,
                "federation.strategy", self.federation.strategy,
                f"is a non-private baseline (Vanilla FL): needs privacy.mode=none, "
                f"not {self.privacy.mode!r}")

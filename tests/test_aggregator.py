@@ -17,6 +17,7 @@ from dplora_ray.federated.aggregator import (
     unweighted_mean,
 )
 from dplora_ray.federated.client import ClientResult
+from dplora_ray.privacy.streams import NoiseKey
 
 
 def _t(*values: float) -> torch.Tensor:
@@ -190,7 +191,7 @@ def test_dp_fedavg_rejects_non_positive_expected_cohort() -> None:
 def test_aggregate_fedavg_with_server_learning_rate() -> None:
     # Prepare: state [1, 1]; updates [1,2] (1 example), [3,4] (3 examples); server lr 0.5
     agg = Aggregator(
-        {"w": _t(1, 1)}, mode="none", server_learning_rate=0.5, clipping_norm=1.0, seed=0
+        {"w": _t(1, 1)}, mode="none", server_learning_rate=0.5, clipping_norm=1.0, noise_key=NoiseKey.from_seed(0)
     )
     results = [
         _result(0, {"w": _t(1, 2)}, num_examples=1),
@@ -209,7 +210,7 @@ def test_aggregate_fedavg_with_server_learning_rate() -> None:
 def test_aggregate_skips_rejected_updates() -> None:
     # Prepare
     agg = Aggregator(
-        {"w": _t(0, 0)}, mode="dpsgd", server_learning_rate=1.0, clipping_norm=1.0, seed=0
+        {"w": _t(0, 0)}, mode="dpsgd", server_learning_rate=1.0, clipping_norm=1.0, noise_key=NoiseKey.from_seed(0)
     )
     results = [_result(0, {"w": _t(1, 2)}), _result(1, None), _result(2, {"w": _t(3, 4)})]
 
@@ -225,7 +226,7 @@ def test_aggregate_skips_rejected_updates() -> None:
 def test_aggregate_with_no_accepted_update_keeps_the_state() -> None:
     # Prepare
     agg = Aggregator(
-        {"w": _t(5, 6)}, mode="none", server_learning_rate=1.0, clipping_norm=1.0, seed=0
+        {"w": _t(5, 6)}, mode="none", server_learning_rate=1.0, clipping_norm=1.0, noise_key=NoiseKey.from_seed(0)
     )
 
     # Execute
@@ -255,7 +256,7 @@ def test_aggregate_is_independent_of_worker_order(mode: str) -> None:
     states = []
     for worker_lists in orders:
         agg = Aggregator(
-            {"w": torch.zeros(64)}, mode=mode, server_learning_rate=1.0, clipping_norm=1.0, seed=9
+            {"w": torch.zeros(64)}, mode=mode, server_learning_rate=1.0, clipping_norm=1.0, noise_key=NoiseKey.from_seed(9)
         )
         out = agg.aggregate(3, 0.7, 3.0, *worker_lists)
         states.append(agg.get_state()["w"])
@@ -273,7 +274,7 @@ def test_aggregate_client_mode_noise_is_seeded_by_round() -> None:
             mode="client",
             server_learning_rate=1.0,
             clipping_norm=1.0,
-            seed=seed,
+            noise_key=NoiseKey.from_seed(seed),
         )
         agg.aggregate(server_round, 1.0, 2.0, [])  # empty cohort: noise only
         return agg.get_state()["w"]
@@ -291,7 +292,7 @@ def test_aggregate_client_mode_noise_is_seeded_by_round() -> None:
 def test_aggregate_client_mode_clips_and_divides_by_expected_cohort() -> None:
     # Prepare: an update of norm 5 with C = 1, expected cohort 2, no noise
     agg = Aggregator(
-        {"w": _t(0, 0)}, mode="client", server_learning_rate=1.0, clipping_norm=1.0, seed=0
+        {"w": _t(0, 0)}, mode="client", server_learning_rate=1.0, clipping_norm=1.0, noise_key=NoiseKey.from_seed(0)
     )
 
     # Execute
@@ -303,7 +304,7 @@ def test_aggregate_client_mode_clips_and_divides_by_expected_cohort() -> None:
 
 def test_set_state_copies() -> None:
     # Prepare
-    agg = Aggregator({"w": _t(0)}, mode="none", server_learning_rate=1.0, clipping_norm=1.0, seed=0)
+    agg = Aggregator({"w": _t(0)}, mode="none", server_learning_rate=1.0, clipping_norm=1.0, noise_key=NoiseKey.from_seed(0))
     new = {"w": _t(2)}
 
     # Execute

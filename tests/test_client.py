@@ -22,6 +22,7 @@ from dplora_ray.config import ExperimentConfig, load_config
 from dplora_ray.errors import PreflightError
 from dplora_ray.federated.client import ClientJob, ClientResult, ClientWorker
 from dplora_ray.federated.runner import RunPlan, plan_run
+from dplora_ray.privacy.streams import NoiseKey
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 TRAINABLE = 896
@@ -57,7 +58,8 @@ def _start(worker: ClientWorker) -> dict[str, torch.Tensor]:
 
 def _job(plan: RunPlan, client_id: int = 0, seed: int = 11, sigma: float = 0.0) -> ClientJob:
     return ClientJob(
-        client_id=client_id, indices=plan.parts[client_id], seed=seed, noise_multiplier=sigma
+        client_id=client_id, indices=plan.parts[client_id], seed=seed, noise_multiplier=sigma,
+        noise_key=NoiseKey.from_seed(seed),
     )
 
 

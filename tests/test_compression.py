@@ -31,6 +31,7 @@ from dplora_ray.federated.compression import (
     ternary_quantize,
     unpack_codes,
 )
+from dplora_ray.privacy.streams import NoiseKey
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FLOAT32_BYTES = 3584
@@ -90,7 +91,7 @@ def test_encode_decode_and_real_payload_bytes() -> None:
 def test_aggregator_dequantises_ternary_payloads() -> None:
     # Prepare: two clients, weights 1 and 3 (FedAvg)
     agg = Aggregator({"x": torch.zeros(7)}, mode="none", server_learning_rate=1.0,
-                     clipping_norm=1.0, seed=0)
+                     clipping_norm=1.0, noise_key=NoiseKey.from_seed(0))
     u1, u2 = ternary_encode({"x": U}), ternary_encode({"x": -2 * U})
     # Execute
     agg.step(1, 0.0, 2.0, [1, 3], u1, u2)
@@ -114,7 +115,7 @@ def test_cmfl_relevance_and_skip_by_hand() -> None:
 def test_aggregator_keeps_last_update_and_state_on_empty_round() -> None:
     # Prepare
     agg = Aggregator({"x": _t(1, 1)}, mode="none", server_learning_rate=0.5,
-                     clipping_norm=1.0, seed=0, keep_last_update=True)
+                     clipping_norm=1.0, noise_key=NoiseKey.from_seed(0), keep_last_update=True)
     assert agg.get_last_update() is None
     # Execute
     agg.step(1, 0.0, 2.0, [1, 1], {"x": _t(2, -4)}, {"x": _t(0, 0)})
@@ -123,11 +124,11 @@ def test_aggregator_keeps_last_update_and_state_on_empty_round() -> None:
     assert torch.allclose(agg.get_last_update()["x"], _t(0.5, -1))
     assert torch.allclose(agg.get_state()["x"], _t(1.5, 0))
     restored = Aggregator({"x": _t(0, 0)}, mode="none", server_learning_rate=0.5,
-                          clipping_norm=1.0, seed=0, keep_last_update=True)
+                          clipping_norm=1.0, noise_key=NoiseKey.from_seed(0), keep_last_update=True)
     restored.restore(agg.checkpoint())
     assert torch.allclose(restored.get_last_update()["x"], _t(0.5, -1))
     plain = Aggregator({"x": _t(1, 1)}, mode="none", server_learning_rate=1.0,
-                       clipping_norm=1.0, seed=0)
+                       clipping_norm=1.0, noise_key=NoiseKey.from_seed(0))
     plain.step(1, 0.0, 1.0, [1], {"x": _t(1, 1)})
     assert plain.get_last_update() is None and "last_update" not in plain.checkpoint()
 

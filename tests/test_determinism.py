@@ -24,8 +24,10 @@ from dplora_ray.federated.backends import InlineBackend
 from dplora_ray.federated.runner import derive_seed, sample_cohorts
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-#: DP-SGD (Poisson batches, Opacus noise) and Poisson cohorts: every RNG stream is used
-RUN = ("privacy.mode=dpsgd", "federation.rounds=2", "federation.cohort_sampling=poisson")
+#: DP-SGD (Poisson batches, Opacus noise) and Poisson cohorts: every RNG stream is used;
+#: the runs compared share one (reproducible) noise key, as a resumed run shares its own
+RUN = ("privacy.mode=dpsgd", "federation.rounds=2", "federation.cohort_sampling=poisson",
+       "privacy.noise_seed=1")
 
 
 def _train(out: Path, *overrides: str) -> int:

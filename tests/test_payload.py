@@ -25,6 +25,7 @@ from dplora_ray.federated.aggregator import Aggregator
 from dplora_ray.federated.backends import RuntimeWorker
 from dplora_ray.federated.client import ClientJob, ClientResult
 from dplora_ray.federated.runner import RunPlan, plan_run, run_experiment, sample_cohorts
+from dplora_ray.privacy.streams import NoiseKey
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 TRANSFER = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -152,7 +153,8 @@ def test_updates_are_noised_before_they_leave(plan: RunPlan, mode: str) -> None:
     start = {k: v for k, v in worker.initial_state().items() if k in worker.trainable_keys()}
 
     def upload(sigma: float) -> dict[str, torch.Tensor]:
-        job = ClientJob(client_id=1, indices=plan.parts[1], seed=11, noise_multiplier=sigma)
+        job = ClientJob(client_id=1, indices=plan.parts[1], seed=11, noise_multiplier=sigma,
+                        noise_key=NoiseKey.from_seed(11))
         _, update = worker.run_client(start, job, 1, 0)
         return update
 

@@ -34,6 +34,7 @@ from dplora_ray.federated.aggregator import Aggregator
 from dplora_ray.federated.client import ClientJob, ClientResult, ClientWorker
 from dplora_ray.federated.runner import RunPlan, plan_run, sample_cohorts
 from dplora_ray.privacy import PrivacyLedger, effective_noise_scale
+from dplora_ray.privacy.streams import NoiseKey
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 TARGET_EPSILON = 8.0  # configs/tiny.yaml
@@ -190,7 +191,8 @@ def _updates(worker: ClientWorker, plan: RunPlan, sigma: float, jobs: int
     for j in range(jobs):
         cid = j % len(plan.parts)
         result = worker.train_client(start, ClientJob(client_id=cid, indices=plan.parts[cid],
-                                                      seed=1000 + j, noise_multiplier=sigma))
+                                                      seed=1000 + j, noise_multiplier=sigma,
+                                                      noise_key=NoiseKey.from_seed(1000 + j)))
         assert result.status == "ok" and result.update is not None
         out.append(result.update)
     return out
@@ -304,7 +306,7 @@ def test_client_mode_server_noise_has_std_sigma_c_over_expected_cohort(
     assert all(r.update is not None and all(bool((t == 0).all()) for t in r.update.values())
                for r in results)
     aggregator = Aggregator(initial=start, mode="client", server_learning_rate=server_lr,
-                            clipping_norm=clip, seed=5)
+                            clipping_norm=clip, noise_key=NoiseKey.from_seed(5))
 
     # Execute: one release per round (the generator is seeded by the round)
     moves = []

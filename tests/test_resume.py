@@ -1,8 +1,9 @@
 """Checkpoint and resume.
 
 * After every round ``checkpoint.pt`` holds the global adapter, the server optimizer's
-  state, the ledger, the RNG position (the round: every stream is derived from the seed
-  and the round), the cohort history and the rows so far.
+  state, the ledger, the RNG position (the round: every public stream is derived from the
+  seed and the round, every noise stream from the noise key and the round), the noise
+  key, the cohort history and the rows so far.
 * A crash while the checkpoint is written leaves the previous one intact, and the run
   resumes from it.
 * Acceptance: a run on the actors backend killed with SIGKILL in the middle of round 2
@@ -42,8 +43,10 @@ from dplora_ray.federated.runner import CHECKPOINT_FILE, load_checkpoint, sample
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 #: the run of these tests: local DP (a ledger entry per client and round), 6 short
-#: rounds, so that however late the poller sees round 1 finish, the kill lands mid-run
-RUN = ("privacy.mode=local", "federation.rounds=6")
+#: rounds, so that however late the poller sees round 1 finish, the kill lands mid-run;
+#: a reproducible noise key, so that the reference (another run) draws the same noise
+#: (tests/test_noise_key.py resumes runs with secret keys)
+RUN = ("privacy.mode=local", "federation.rounds=6", "privacy.noise_seed=3")
 ROUNDS = 6
 
 
@@ -87,7 +90,8 @@ def test_checkpoint_holds_what_a_resume_needs(reference: Path) -> None:
     ck = load_checkpoint(reference)
 
     # Assert
-    assert ck is not None and ck["format"] == "dplora_ray.checkpoint/v1"
+    assert ck is not None and ck["format"] == "dplora_ray.checkpoint/v2"
+    assert ck["noise_key"]["reproducible"] is True and len(ck["noise_key"]["secret"]) == 64
     assert ck["server_round"] == ROUNDS and ck["finished"] is True
     cfg = load_config(reference / "config.yaml")
     assert ck["config"] == config_to_dict(cfg)

@@ -23,6 +23,7 @@ from dplora_ray.errors import ConfigError
 from dplora_ray.federated.client import ClientJob, ClientWorker
 from dplora_ray.federated.encoding import encode_choices, encode_generation
 from dplora_ray.federated.runner import RunPlan, plan_run, run_experiment
+from dplora_ray.privacy.streams import NoiseKey
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -295,7 +296,8 @@ def test_dpsgd_step_on_a_multiple_choice_client(
     piqa_plan: RunPlan, worker_for: Callable[..., ClientWorker]
 ) -> None:
     worker = worker_for(piqa_plan, PIQA, "privacy.mode=dpsgd")
-    job = ClientJob(client_id=0, indices=piqa_plan.parts[0], seed=5, noise_multiplier=1.0)
+    job = ClientJob(client_id=0, indices=piqa_plan.parts[0], seed=5, noise_multiplier=1.0,
+                    noise_key=NoiseKey.from_seed(5))
     res = worker.train_client(_start(worker), job)
     assert res.status == "ok" and res.update is not None and res.steps == 3
     again = worker.train_client(_start(worker), job)

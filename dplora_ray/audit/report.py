@@ -45,6 +45,7 @@ from dplora_ray.audit.metrics import (
     tpr_at_fpr,
 )
 from dplora_ray.federated.encoding import EncodedSplit
+from dplora_ray.privacy.mechanisms import get_mechanism
 
 __all__ = ["AUDIT_FILE", "AUDIT_FORMAT", "FAILED_PREFIX", "comparable_epsilon", "run_audit"]
 
@@ -72,25 +73,13 @@ def comparable_epsilon(mode: str, epsilons: Mapping[str, float],
       it says little about how tight the client-level epsilon is.
     * ``none``: no claim, nothing to compare.
 
+    Each mechanism answers for itself
+    (:meth:`~dplora_ray.privacy.mechanisms.Mechanism.audit_epsilon`).
+
     Returns:
         (epsilon or None, delta for the bound, one sentence saying why).
     """
-    from dplora_ray.federated.runner import UNIT_ALL_CLIENTS, client_unit
-
-    if mode == "none":
-        return None, delta, "privacy.mode is 'none': there is no claim to check"
-    if mode in ("dpsgd", "paper", "local"):
-        eps = max((float(epsilons.get(client_unit(c), 0.0)) for c in audited_clients),
-                  default=0.0)
-        rel = ("adding or removing one example" if mode != "local"
-               else "replacing one client's data (which covers one example in or out)")
-        return eps, delta, (f"{mode} protects one example's presence ({rel}); compared "
-                            "with the largest ledger epsilon among the audited clients")
-    eps1 = float(epsilons.get(UNIT_ALL_CLIENTS, max(epsilons.values(), default=0.0)))
-    return 2.0 * eps1, (1.0 + math.exp(eps1)) * delta, (
-        "client mode protects one whole client (add/remove); one example in or out of a "
-        "client is two such steps, so the attack is compared with (2 epsilon, "
-        "(1 + e^epsilon) delta) by group privacy")
+    return get_mechanism(mode).audit_epsilon(epsilons, audited_clients, delta)
 
 
 def _score(backend: Any, state_ref: Any, split: EncodedSplit, index: np.ndarray,
@@ -213,7 +202,7 @@ def run_audit(plan: AuditPlan, backend: Any, *, initial: Mapping[str, Any],
         "format": AUDIT_FORMAT,
         "privacy_mode": mode,
         "epsilon": epsilon,
-        "delta": delta if mode != "none" else None,
+        "delta": delta if get_mechanism(mode).private else None,
         "epsilon_lower_bound": lb,
         "epsilon_compared": eps_cmp,
         "delta_compared": delta_cmp,

@@ -1,7 +1,8 @@
 """The aggregator: owns the global (trainable) LoRA state and turns client updates into
 the next global state.
 
-Strategies (registry :data:`STRATEGIES`, chosen by ``privacy.mode``):
+Strategies (registry :data:`STRATEGIES`, chosen by the privacy mechanism's
+``aggregation``, :mod:`dplora_ray.privacy.mechanisms`):
 
 * ``fedavg`` (mode ``none``): example-weighted mean of the updates (McMahan et al.
   2017, Alg. 1).
@@ -19,7 +20,9 @@ aggregate``) is kept for CMFL's relevance check (:meth:`Aggregator.get_last_upda
 
 The new global state is ``state + server_learning_rate * aggregate``. Updates arrive and
 are summed in client-id order, so the result does not depend on which worker finished
-first. Noise comes from a generator seeded by (run seed, server round): never global.
+first. Noise comes from the server's secret noise key (the run key derived for
+``NoiseStream.SERVER``), one generator per round: never from the public seed, never
+global.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from dplora_ray.federated.compression import is_ternary_payload, ternary_decode
+from dplora_ray.privacy.mechanisms import get_mechanism
 from dplora_ray.privacy.noise import clip_by_global_norm
+from dplora_ray.privacy.streams import NoiseKey
 
 __all__ = ["STRATEGIES", "Aggregator", "dp_fedavg", "fedavg", "unweighted_mean"]
 
@@ -83,7 +87,7 @@ STRATEGIES = {"fedavg": fedavg, "mean": unweighted_mean, "dp_fedavg": dp_fedavg}
 
 
 def strategy_for_mode(mode: str) -> str:
-    return {"none": "fedavg", "client": "dp_fedavg"}.get(mode, "mean")
+    return get_mechanism(mode).aggregation
 
 
 class Aggregator:
@@ -94,20 +98,21 @@ class Aggregator:
         mode: ``privacy.mode``.
         server_learning_rate: step size on the aggregate.
         clipping_norm: C (``client`` mode).
-        seed: the run seed (noise generator per round).
+        noise_key: the server's secret noise key (needed when the mechanism adds noise on
+            the server; one generator per round is derived from it).
         keep_last_update: keep the last applied update for :meth:`get_last_update`
             (``federation.compression=cmfl``; off otherwise, so checkpoints stay small).
     """
 
     def __init__(self, initial: Mapping[str, torch.Tensor], mode: str,
-                 server_learning_rate: float, clipping_norm: float, seed: int,
-                 keep_last_update: bool = False) -> None:
+                 server_learning_rate: float, clipping_norm: float,
+                 noise_key: NoiseKey | None = None, keep_last_update: bool = False) -> None:
         self.state: State = {k: v.float().clone() for k, v in sorted(initial.items())}
         self.mode = mode
         self.strategy = strategy_for_mode(mode)
         self.server_lr = server_learning_rate
         self.clipping_norm = clipping_norm
-        self.seed = seed
+        self.noise_key = noise_key
         self.keep_last_update = keep_last_update
         self.last_update: State | None = None
 
@@ -122,8 +127,12 @@ class Aggregator:
         self.state = {k: v.float().clone() for k, v in sorted(state.items())}
 
     def _noise_generator(self, server_round: int) -> torch.Generator:
-        ss = np.random.SeedSequence(self.seed, spawn_key=(7, server_round))
-        return torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
+        if self.noise_key is None:
+            from dplora_ray.errors import PrivacyError
+
+            raise PrivacyError(f"privacy.mode={self.mode!r} adds noise on the server but the "
+                               "aggregator has no noise key")
+        return self.noise_key.generator(server_round)
 
     def aggregate(self, server_round: int, noise_multiplier: float, expected_cohort: float,
                   *worker_results: Sequence[Any]) -> dict[str, Any]:
@@ -171,7 +180,8 @@ class Aggregator:
 
         The server optimizer is FedAvg with a server learning rate: it has no state of
         its own (the dict is there so that a stateful optimizer has a place to put it).
-        The noise generator is a function of (run seed, round), so it needs no state.
+        The noise generator is a function of (noise key, round), so it needs no state; the
+        key itself is kept by the runner (only in ``checkpoint.pt``).
         The last applied update (CMFL's reference) is saved when there is one.
         """
         out = {"global_state": {k: v.clone() for k, v in self.state.items()},

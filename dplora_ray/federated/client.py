@@ -1,22 +1,25 @@
 """Client worker: one frozen base model serving many virtual clients.
 
 A :class:`ClientWorker` loads the base model once and wraps it with one LoRA adapter.
-A virtual client is only its data partition (an index array), its RNG stream (a seed
-derived from the run seed, the round and the client id) and, in private modes, its
-accounting; the worker swaps the global LoRA state in, trains locally, and returns the
+A virtual client is only its data partition (an index array), its public RNG stream (a
+seed derived from the run seed, the round and the client id: batches, dropout), in
+private modes the secret noise key of its (stream, round) (:mod:`dplora_ray.privacy.streams`)
+and its accounting; the worker swaps the global LoRA state in, trains locally, and returns the
 client's update. The same class runs inline (tests, small sweeps) or as a Ray actor
 (``ray.remote(ClientWorker)``); it imports no Ray.
 
-Local training modes (``privacy.mode``):
+Local training (``privacy.mode``; the worker asks the mode's mechanism,
+:mod:`dplora_ray.privacy.mechanisms`, which trainer and which update transform to use):
 
 * ``none`` / ``client`` / ``local``: plain local training on fixed-size batches drawn
   without replacement; ``client`` then clips the update to C (the server adds the noise,
   McMahan et al. 2018, Alg. 1); ``local`` clips it and adds N(0, sigma^2 C^2) before
   upload.
 * ``dpsgd``: DP-SGD (Abadi et al. 2016) through Opacus' ``GradSampleModule`` (per-sample
-  gradients, wrapped once per worker) and ``DPOptimizer`` (per-sample clipping to C,
-  N(0, sigma^2 C^2) on the sum, division by the expected batch size), Poisson batches
-  with q = batch_size / n_client; an empty batch takes a noise-only step.
+  gradients, wrapped once per worker) and ``DPOptimizer`` with exact float32 per-sample
+  clipping to C (:class:`~dplora_ray.privacy.dpsgd.Float32ClipDPOptimizer`, whatever the
+  autocast), N(0, sigma^2 C^2) on the sum, division by the expected batch size, Poisson
+  batches with q = batch_size / n_client; an empty batch takes a noise-only step.
 * ``paper``: DP-LoRA Algorithm 1 (Liu et al. 2023) as written: the batch-averaged
   gradient of all A factors and that of all B factors are each clipped to C, each gets
   N(0, sigma^2 C^2), then the optimizer steps; Poisson batches as above.
@@ -30,7 +33,8 @@ gradients are summed into one per-example gradient before Opacus clips them.
 
 Invariants: what leaves a worker is LoRA tensors (in the transfer dtype, already noised in
 ``dpsgd``/``paper``/``local``) and scalar metrics; never text, token ids or labels.
-Randomness comes only from the job's seed (batch sampling, noise, dropout).
+Randomness: batch sampling and dropout come from the job's public ``seed``; noise only
+from the job's ``noise_key`` (one generator per local step), never from the seed.
 
 Wire format: an update is a :class:`PackedUpdate`, an ordinary ``dict`` of tensors that
 pickles (and so travels through Ray) as one flat byte buffer plus a compressed list of its
@@ -54,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from dplora_ray.config import ExperimentConfig, config_from_dict
-from dplora_ray.errors import PreflightError
+from dplora_ray.errors import PreflightError, PrivacyError
 from dplora_ray.federated.compression import cmfl_should_upload, ternary_encode
 from dplora_ray.federated.encoding import EncodedData
 from dplora_ray.models import (
@@ -65,12 +69,14 @@ from dplora_ray.models import (
     lora_param_items,
     lora_state,
 )
+from dplora_ray.privacy.mechanisms import get_mechanism
 from dplora_ray.privacy.noise import (
     NonFiniteUpdateError,
     add_gaussian_noise,
     clip_by_global_norm,
     global_l2_norm,
 )
+from dplora_ray.privacy.streams import NoiseKey, PublicStream, public_seed
 
 __all__ = ["ClientJob", "ClientResult", "ClientWorker", "PackedUpdate", "tensor_bytes"]
 
@@ -84,12 +90,18 @@ STATUS_SKIPPED_IRRELEVANT = "skipped_irrelevant"  # CMFL: not uploaded (not an e
 
 @dataclass(frozen=True)
 class ClientJob:
-    """One client's work in one round."""
+    """One client's work in one round.
+
+    ``seed`` is public (batches, dropout); ``noise_key`` is the secret key of this
+    client's noise stream in this round (``run_key.derive(stream, round, client)``), None
+    when the mechanism adds no noise on the client.
+    """
 
     client_id: int
     indices: np.ndarray
     seed: int
     noise_multiplier: float = 0.0
+    noise_key: NoiseKey | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -188,14 +200,14 @@ class ClientWorker:
             self.model = build_lora_model(base, self.cfg.lora, seed=self.cfg.seed).to(self.device)
             self._init_state = lora_state(self.model, trainable_only=False)
         self._params = {k: p for k, p in self._named_lora() if p.requires_grad}
-        self._a_keys = [k for k in self._params if ".lora_A." in k]
-        self._b_keys = [k for k in self._params if ".lora_B." in k]
+        self.mech = get_mechanism(self.cfg.privacy.mode)
+        self._paper_groups: tuple[list[str], list[str]] | None = None
         self.label_ids = torch.tensor(data.label_token_ids, device=self.device)
         self.task_type = data.task_type
         self.choices = data.train.choices
         self.autocast = rt.bf16_autocast
         self.gsm = None
-        if self.cfg.privacy.mode == "dpsgd":
+        if self.mech.local_training == "dpsgd":
             from opacus import GradSampleModule
 
             self.gsm = GradSampleModule(self.model, batch_first=True, loss_reduction="mean")
@@ -281,14 +293,31 @@ class ClientWorker:
         return -total / count.clamp_min(1.0)  # generation: mean NLL of the answer tokens
 
     def _fold_grad_samples(self) -> None:
-        """Multiple choice under DP-SGD: an example is ``choices`` consecutive rows; sum
-        their per-row gradients into one per-example gradient before clipping."""
-        if self.choices == 1:
-            return
+        """Per-sample gradients as clipping needs them: float32 whatever the autocast (bf16
+        per-sample gradients gave bf16 norms and clip factors, and clipped norms above C);
+        for multiple choice, an example is ``choices`` consecutive rows: their per-row
+        gradients are summed into one per-example gradient before clipping."""
         for p in self._params.values():
             gs = p.grad_sample
-            if gs is not None and gs.shape[0] > 0:
-                p.grad_sample = gs.view(-1, self.choices, *gs.shape[1:]).sum(dim=1)
+            if gs is None:
+                continue
+            gs = gs.to(torch.float32)
+            if self.choices > 1 and gs.shape[0] > 0:
+                gs = gs.view(-1, self.choices, *gs.shape[1:]).sum(dim=1)
+            p.grad_sample = gs
+
+    def paper_groups(self) -> tuple[list[str], list[str]]:
+        """``paper`` mode: the trainable tensors of the A group and of the B group (every
+        trainable tensor is in exactly one, else PrivacyError)."""
+        if self._paper_groups is None:
+            self._paper_groups = get_mechanism("paper").paper_groups(list(self._params))
+        return self._paper_groups
+
+    def _noise_key(self, job: ClientJob) -> NoiseKey:
+        if job.noise_key is None:
+            raise PrivacyError(f"privacy.mode={self.mech.name!r} draws noise on the client "
+                               "but the job carries no noise key")
+        return job.noise_key
 
     def _load_global(self, state: Mapping[str, torch.Tensor]) -> None:
         state = {k: v.float() for k, v in state.items()}
@@ -316,16 +345,12 @@ class ClientWorker:
         """Train one client. ``last_update`` is the last applied global update (used by
         ``federation.compression=cmfl`` only; None in the first round: upload)."""
         start = time.perf_counter()
-        mode = self.cfg.privacy.mode
+        trainer = {"plain": self._train_plain, "dpsgd": self._train_dpsgd,
+                   "paper": self._train_paper}[self.mech.local_training]
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(job.seed)  # dropout only; scoped, restored on exit
             self._load_global(global_state)
-            if mode == "dpsgd":
-                losses, steps, rate = self._train_dpsgd(job)
-            elif mode == "paper":
-                losses, steps, rate = self._train_paper(job)
-            else:
-                losses, steps, rate = self._train_plain(job)
+            losses, steps, rate = trainer(job)
         update = {k: (p.detach().float().cpu() - global_state[k].float())
                   for k, p in self._params.items()}
         norm = global_l2_norm(update)
@@ -333,11 +358,11 @@ class ClientWorker:
         C = self.cfg.privacy.clipping_norm
         if not math.isfinite(norm) or not all(torch.isfinite(t).all() for t in update.values()):
             status, update = STATUS_NONFINITE, None
-        elif mode in ("client", "local"):
-            update, _ = clip_by_global_norm(update, C)
-            if mode == "local":
-                gen = torch.Generator().manual_seed(job.seed ^ 0x5A5A5A5A)
-                update = add_gaussian_noise(update, job.noise_multiplier * C, gen)
+        else:  # the mechanism's client-side transform (client: clip; local: clip + noise)
+            update = self.mech.client_transform(
+                update, C, job.noise_multiplier,
+                self._noise_key(job) if self.mech.noise_stream is not None
+                and self.mech.noise_by == "client" else None)
         extras: dict[str, Any] = {}
         compression = self.cfg.federation.compression
         if update is not None and compression == "cmfl":
@@ -400,27 +425,29 @@ class ClientWorker:
         return losses, self.cfg.federation.local_steps, min(1.0, self.cfg.federation.batch_size / n)
 
     def _train_dpsgd(self, job: ClientJob) -> tuple[list[float], int, float]:
-        from opacus.optimizers import DPOptimizer
+        from dplora_ray.privacy.dpsgd import Float32ClipDPOptimizer
 
         rng = np.random.default_rng(job.seed)
-        gen = torch.Generator(device=self.device).manual_seed(job.seed ^ 0x2545F491)
+        key = self._noise_key(job)
         rate = self._poisson_rate(job)
         params = list(self._params.values())
-        opt = DPOptimizer(self._optimizer(params), noise_multiplier=job.noise_multiplier,
-                          max_grad_norm=self.cfg.privacy.clipping_norm,
-                          expected_batch_size=self.cfg.federation.batch_size,
-                          loss_reduction="mean", generator=gen)
+        opt = Float32ClipDPOptimizer(
+            self._optimizer(params), noise_multiplier=job.noise_multiplier,
+            max_grad_norm=self.cfg.privacy.clipping_norm,
+            expected_batch_size=self.cfg.federation.batch_size, loss_reduction="mean")
         self.model.train()
         losses = []
         try:
-            for idx in self._poisson_batches(job, rng, rate):
+            for step, idx in enumerate(self._poisson_batches(job, rng, rate)):
+                opt.generator = key.generator(step, device=self.device)  # one stream per step
                 opt.zero_grad(set_to_none=True)
                 if len(idx) == 0:
                     # Empty Poisson batch: a Llama forward on zero rows breaks Opacus'
                     # hooks, so give every parameter an empty per-sample gradient; the
                     # optimizer then takes a noise-only step (still accounted).
                     for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device,
+                                                    dtype=torch.float32)
                 else:
                     loss = self._loss(idx)
                     # Opacus ("mean") scales each row's gradient by the number of rows;
@@ -437,20 +464,20 @@ class ClientWorker:
 
     def _train_paper(self, job: ClientJob) -> tuple[list[float], int, float]:
         rng = np.random.default_rng(job.seed)
-        gen = torch.Generator().manual_seed(job.seed ^ 0x2545F491)
+        key = self._noise_key(job)
         rate = self._poisson_rate(job)
         C = self.cfg.privacy.clipping_norm
         std = job.noise_multiplier * C
         opt = self._optimizer(list(self._params.values()))
         self.model.train()
         losses = []
-        for idx in self._poisson_batches(job, rng, rate):
+        for step, idx in enumerate(self._poisson_batches(job, rng, rate)):
             opt.zero_grad(set_to_none=True)
             if len(idx) > 0:
                 loss = self._loss(idx)
                 loss.backward()
                 losses.append(float(loss.detach()))
-            self._paper_noise_inplace(C, std, gen)
+            self._paper_noise_inplace(C, std, key.generator(step))
             opt.step()
         self.model.eval()
         return losses, self.cfg.federation.local_steps, rate
@@ -458,12 +485,15 @@ class ClientWorker:
     def _paper_noise_inplace(self, clipping_norm: float, std: float,
                              gen: torch.Generator) -> None:
         """DP-LoRA Alg. 1: clip the batch-mean gradient of the A factors and that of the
-        B factors each to C, add N(0, std^2) to each; a missing gradient counts as 0."""
-        for group in (self._a_keys, self._b_keys):
+        B factors each to C (in float32), add N(0, std^2) to each; a missing gradient
+        counts as 0. Every trainable tensor is in one of the two groups
+        (:meth:`paper_groups`), so none trains without clipping and noise."""
+        for group in self.paper_groups():
             if not group:
                 continue
-            grads = {k: (self._params[k].grad if self._params[k].grad is not None
-                         else torch.zeros_like(self._params[k])) for k in group}
+            grads = {k: (self._params[k].grad.float() if self._params[k].grad is not None
+                         else torch.zeros_like(self._params[k], dtype=torch.float32))
+                     for k in group}
             try:
                 clipped, _ = clip_by_global_norm(grads, clipping_norm)
             except NonFiniteUpdateError:
@@ -477,9 +507,11 @@ class ClientWorker:
         """One private step on a synthetic batch (random tokens, so nothing private is
         touched and nothing needs accounting); fails if a trainable LoRA tensor got no
         per-sample gradient or did not change. Parameters are restored afterwards."""
-        mode = self.cfg.privacy.mode
+        mech = self.mech
         before = {k: p.detach().clone() for k, p in self._params.items()}
-        gen = torch.Generator().manual_seed(1234)
+        # public randomness: the batch is synthetic and the step is undone afterwards, so
+        # nothing is released and no secret is needed
+        gen = torch.Generator().manual_seed(public_seed(self.cfg.seed, PublicStream.PREFLIGHT))
         vocab = self._base().get_input_embeddings().weight.shape[0]
         bsz, width = 4, 12
         rows = bsz * self.choices
@@ -497,13 +529,15 @@ class ClientWorker:
         problems: list[str] = []
         self.model.train()
         try:
-            if mode == "dpsgd":
-                from opacus.optimizers import DPOptimizer
+            if mech.local_training == "dpsgd":
+                from dplora_ray.privacy.dpsgd import Float32ClipDPOptimizer
 
-                opt = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0,
-                                  max_grad_norm=self.cfg.privacy.clipping_norm,
-                                  expected_batch_size=bsz, loss_reduction="mean",
-                                  generator=torch.Generator(device=self.device).manual_seed(1))
+                opt = Float32ClipDPOptimizer(
+                    torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0,
+                    max_grad_norm=self.cfg.privacy.clipping_norm, expected_batch_size=bsz,
+                    loss_reduction="mean",
+                    generator=torch.Generator(device=self.device).manual_seed(
+                        public_seed(self.cfg.seed, PublicStream.PREFLIGHT, 1)))
                 opt.zero_grad(set_to_none=True)
                 failure = None
                 try:
@@ -527,12 +561,13 @@ class ClientWorker:
                 for k, p in self._params.items():
                     if p.grad is None:
                         problems.append(f"{k}: no gradient")
-                if mode == "paper":
+                if mech.local_training == "paper":
                     self._paper_noise_inplace(self.cfg.privacy.clipping_norm, 1.0,
-                                              torch.Generator().manual_seed(1))
+                                              torch.Generator().manual_seed(public_seed(
+                                                  self.cfg.seed, PublicStream.PREFLIGHT, 1)))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            if mode in ("dpsgd", "paper") and not problems:  # noise must move every tensor
+            if mech.local_training != "plain" and not problems:  # noise moves every tensor
                 for k, p in self._params.items():
                     if torch.equal(p.detach(), before[k]):
                         problems.append(f"{k}: unchanged after a private step")
@@ -542,10 +577,10 @@ class ClientWorker:
                 for k, p in self._params.items():
                     p.copy_(before[k])
         if problems:
-            label = "preflight" if mode == "none" else "privacy preflight"
-            raise PreflightError(f"{label} ({mode}) failed for "
+            label = "privacy preflight" if mech.private else "preflight"
+            raise PreflightError(f"{label} ({mech.name}) failed for "
                                  f"{len(problems)} LoRA tensor(s); first: {problems[0]}")
-        return {"checked_tensors": len(self._params), "mode": mode}
+        return {"checked_tensors": len(self._params), "mode": mech.name}
 
     # ----------------------------------------------------------------- evaluation
     @torch.inference_mode()

@@ -18,14 +18,19 @@ An exception after the folder exists (a worker failure under ``on_client_failure
 fail``, an interrupt, a bug) still writes ``summary.json``, with ``stop_reason: "error:
 ..."``, so a folder never looks complete when it is not.
 
-Randomness. All of it is a function of the run seed and the position in the run, never
-of timing, worker count or process: the cohorts of all rounds are drawn up front
-(:func:`sample_cohorts`, stream ``(seed, 1, round)``); a client's batches, dropout and
-noise come from ``derive_seed(seed, 2, round, client)``; the server's noise (``client``
-mode) from ``(seed, 7, round)`` (:meth:`Aggregator._noise_generator`); the data split,
-partition and LoRA init from the seed. So the whole RNG state of a run after round ``k``
-is the number ``k``: a checkpoint stores it as ``rng.next_round`` (and the cohort
-history, to check on resume that the schedule drawn again is the same).
+Randomness (:mod:`dplora_ray.privacy.streams`). Two kinds, neither depending on timing,
+worker count or process. Public, from the run seed: the cohorts of all rounds are drawn
+up front (:func:`sample_cohorts`, ``PublicStream.COHORTS``); a client's batches and
+dropout come from ``PublicStream.CLIENT`` at (round, client); the data split, partition
+and LoRA init from the seed. Secret: every noise draw comes from the run's noise key
+(drawn from the operating system when the run starts, or derived from
+``privacy.noise_seed`` for research), expanded into named streams at (round, client,
+step); workers get only the derived key of their own stream, round and client, the
+aggregator only the server stream's. The key is kept in ``checkpoint.pt`` and nowhere
+else. So the whole RNG state of a run after round ``k`` is (key, ``k``): a checkpoint
+stores both (and the cohort history, to check on resume that the schedule drawn again is
+the same). A fresh run writes a round-0 checkpoint before dispatching anything, so a run
+killed in its first round resumes with the same key.
 
 Checkpoint and resume. After every round ``checkpoint.pt`` holds all a run needs to go
 on exactly: the global LoRA state and the server optimizer's state (the aggregator's
@@ -36,8 +41,8 @@ leaves the previous checkpoint intact; the result files are written after it. ``
 restores it and re-runs from the next round; that round's clients were charged in the
 killed run's memory only (the checkpoint holds the ledger of finished rounds), and they
 are charged again when the round is re-run. Re-running a round releases nothing new:
-the same seeds give the same updates, so what any party could have seen from the
-killed attempt is exactly what the re-run produces.
+the same seeds and the same noise key give the same updates, so what any party could
+have seen from the killed attempt is exactly what the re-run produces.
 
 Determinism. Client results are gathered in whatever order they finish but are
 aggregated and recorded in client-id order; evaluation batches are fixed chunks of one
@@ -98,7 +103,7 @@ import torch
 
 from dplora_ray import results as R
 from dplora_ray.config import ExperimentConfig, config_from_dict, config_to_dict, save_config
-from dplora_ray.errors import ConfigError, DataError, OutputError, RunFailedError
+from dplora_ray.errors import ConfigError, DataError, OutputError, PrivacyError, RunFailedError
 from dplora_ray.federated.client import (
     STATUS_NONFINITE,
     STATUS_OK,
@@ -113,6 +118,14 @@ from dplora_ray.federated.encoding import (
     encode_split,
     label_token_ids,
 )
+from dplora_ray.privacy.mechanisms import (
+    ALL_CLIENTS,
+    PrivacyPlan,
+    client_unit,
+    get_mechanism,
+    plan_privacy,
+)
+from dplora_ray.privacy.streams import NoiseKey, PublicStream, public_rng, public_seed
 
 __all__ = [
     "ACCEPTED_STATUSES",
@@ -125,7 +138,7 @@ __all__ = [
     "run_experiment",
 ]
 
-UNIT_ALL_CLIENTS = "all-clients"
+UNIT_ALL_CLIENTS = ALL_CLIENTS
 
 #: statuses of a client-round in ``clients.parquet``
 STATUS_FAILED_RETRIED = "failed_retried"  # its worker died; re-run, same RNG, aggregated
@@ -140,27 +153,29 @@ CLIENT_STATUSES = (STATUS_OK, STATUS_FAILED_RETRIED, STATUS_NONFINITE, STATUS_DR
 ACCEPTED_STATUSES = (STATUS_OK, STATUS_FAILED_RETRIED)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = "dplora_ray.checkpoint/v1"
+CHECKPOINT_FORMAT = "dplora_ray.checkpoint/v2"  # v2: the secret noise key
+#: runtime keys a resumed run may change: where and how clients run, never what they
+#: compute (docs/privacy.md); every other key, runtime.bf16_autocast,
+#: runtime.gpus_per_worker and the torch thread count included, must stay as it was
+RESUMABLE_RUNTIME_KEYS = ("runtime.backend", "runtime.num_workers", "runtime.address",
+                          "runtime.cpus_per_worker", "runtime.on_client_failure",
+                          "runtime.round_timeout_s", "runtime.max_worker_restarts",
+                          "runtime.kill_worker_at_round")
 EVAL_BATCH_SIZE = 32
 STOP_COMPLETED = "completed"
 STOP_BUDGET = "privacy_budget"
 
 
-def client_unit(client_id: int) -> str:
-    return f"client-{client_id}"
-
-
-def derive_seed(seed: int, *key: int) -> int:
-    """A 63-bit seed that depends only on (run seed, key)."""
-    ss = np.random.SeedSequence(seed, spawn_key=tuple(int(k) for k in key))
-    return int(ss.generate_state(1, np.uint64)[0] >> 1)
+def derive_seed(seed: int, stream: int, *position: int) -> int:
+    """A 63-bit PUBLIC seed that depends only on (run seed, stream, position)."""
+    return public_seed(seed, PublicStream(stream), *position)
 
 
 def cohort_mode(cfg: ExperimentConfig) -> str:
-    mode = cfg.federation.cohort_sampling
-    if mode == "auto":
-        return "poisson" if cfg.privacy.mode == "client" else "fixed"
-    return mode
+    sampling = cfg.federation.cohort_sampling
+    if sampling == "auto":
+        return get_mechanism(cfg.privacy.mode).cohort_sampling
+    return sampling
 
 
 def sample_cohorts(cfg: ExperimentConfig) -> list[np.ndarray]:
@@ -168,7 +183,7 @@ def sample_cohorts(cfg: ExperimentConfig) -> list[np.ndarray]:
     fed = cfg.federation
     out = []
     for r in range(1, fed.rounds + 1):
-        rng = np.random.default_rng(derive_seed(cfg.seed, 1, r))
+        rng = public_rng(cfg.seed, PublicStream.COHORTS, r)
         if cohort_mode(cfg) == "poisson":
             q = fed.clients_per_round / fed.num_clients
             ids = np.flatnonzero(rng.random(fed.num_clients) < q)
@@ -176,18 +191,6 @@ def sample_cohorts(cfg: ExperimentConfig) -> list[np.ndarray]:
             ids = np.sort(rng.choice(fed.num_clients, size=fed.clients_per_round, replace=False))
         out.append(ids.astype(np.int64))
     return out
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """Noise and accounting parameters fixed before training."""
-
-    mode: str
-    unit: str  # "example" | "client" | "none"
-    noise_multiplier: float  # what the mechanism uses (the paper's sigma in `paper`)
-    effective_noise_multiplier: float  # what the accountant sees
-    budget: float | None
-    planned_epsilon: float | None
 
 
 @dataclass
@@ -208,19 +211,9 @@ class RunPlan:
 
     def ledger_entries(self, server_round: int, cohort: np.ndarray) -> list[Any]:
         """What one round charges (every sampled client, whether or not it completes)."""
-        from dplora_ray.privacy import LedgerEntry
-
-        p, fed = self.privacy, self.cfg.federation
-        z = p.effective_noise_multiplier
-        if p.mode in ("dpsgd", "paper"):
-            return [LedgerEntry(client_unit(int(c)), server_round, z, self.client_rate(int(c)),
-                                fed.local_steps) for c in cohort]
-        if p.mode == "local":
-            return [LedgerEntry(client_unit(int(c)), server_round, z, 1.0, 1) for c in cohort]
-        if p.mode == "client":
-            return [LedgerEntry(UNIT_ALL_CLIENTS, server_round, z,
-                                fed.clients_per_round / fed.num_clients, 1)]
-        return []
+        p = self.privacy
+        return p.mechanism.ledger_entries(server_round, cohort, p.effective_noise_multiplier,
+                                          self.cfg, self.parts)
 
 
 def _check_output(out_dir: Path, overwrite: bool) -> None:
@@ -272,61 +265,6 @@ def _encode(cfg: ExperimentConfig) -> tuple[EncodedData, Any, str, Any]:
     return data, loaded, source, tok
 
 
-def _privacy_plan(cfg: ExperimentConfig, parts: list[np.ndarray],
-                  cohorts: list[np.ndarray]) -> PrivacyPlan:
-    pc, fed = cfg.privacy, cfg.federation
-    if not pc.enabled:
-        return PrivacyPlan("none", "none", 0.0, 0.0, None, None)
-    from dplora_ray.privacy import (
-        SampledGaussian,
-        calibrate_noise_multiplier,
-        compute_epsilon,
-        effective_noise_scale,
-    )
-
-    unit = "example" if pc.mode in ("dpsgd", "paper") else "client"
-    if unit == "example":
-        n_max = max(len(p) for p in parts)
-        if pc.delta >= 1.0 / n_max:
-            raise ConfigError("privacy.delta", pc.delta,
-                              f"must be below 1/n = {1.0 / n_max:.3g} (n = {n_max} examples "
-                              "in the largest client)")
-    elif pc.delta >= 1.0 / fed.num_clients:
-        raise ConfigError("privacy.delta", pc.delta,
-                          f"must be below 1/federation.num_clients = {1.0 / fed.num_clients:.3g}")
-    if pc.mode == "client" and fed.cohort_sampling == "fixed":
-        raise ConfigError("federation.cohort_sampling", "fixed",
-                          "privacy.mode='client' is accounted as Poisson client sampling; "
-                          "use 'poisson' or 'auto'")
-    scale = effective_noise_scale(pc.mode, cfg.lora.train_a)
-    # planned (sampling rate, steps) per accounting unit; only the Pareto front matters
-    plans: dict[tuple[float, int], None] = {}
-    if pc.mode == "client":
-        plans[(fed.clients_per_round / fed.num_clients, fed.rounds)] = None
-    else:
-        counts = np.zeros(fed.num_clients, dtype=np.int64)
-        for c in cohorts:
-            counts[c] += 1
-        for cid in np.flatnonzero(counts):
-            if pc.mode == "local":
-                plans[(1.0, int(counts[cid]))] = None
-            else:
-                q = min(1.0, fed.batch_size / len(parts[cid]))
-                plans[(q, int(counts[cid]) * fed.local_steps)] = None
-    front = [(q, t) for (q, t) in plans
-             if not any(q2 >= q and t2 >= t and (q2, t2) != (q, t) for (q2, t2) in plans)]
-    if pc.noise_multiplier is not None:
-        sigma = pc.noise_multiplier
-    else:
-        assert pc.target_epsilon is not None
-        sigma = max(calibrate_noise_multiplier(pc.target_epsilon, q, t, pc.delta,
-                                               pc.accountant, effective_scale=scale)
-                    for (q, t) in front) if front else 0.0
-    planned = max((compute_epsilon([SampledGaussian(sigma * scale, q, t)], pc.delta,
-                                   pc.accountant) for (q, t) in front), default=0.0)
-    return PrivacyPlan(pc.mode, unit, sigma, sigma * scale, pc.budget, planned)
-
-
 def plan_run(cfg: ExperimentConfig) -> RunPlan:
     """Everything that can fail on bad input, done before any output is written."""
     from dplora_ray.data import partition_indices
@@ -349,7 +287,7 @@ def plan_run(cfg: ExperimentConfig) -> RunPlan:
         from dplora_ray.audit import insert_canaries
 
         data, parts, audit = insert_canaries(cfg, data, parts, cohorts, source)
-    privacy = _privacy_plan(cfg, parts, cohorts)
+    privacy = plan_privacy(cfg, parts, cohorts)
     references = None
     if data.task_type == "generation":  # ROUGE-L references: the answers' first tokens
         references = [tok.decode(_strip_eos(data.test.target_ids(i), data.eos_id)
@@ -472,6 +410,11 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
     except Exception as exc:  # truncated, not a torch file, unsafe pickle ...
         raise OutputError("--resume", str(run_dir),
                           f"{CHECKPOINT_FILE} cannot be read ({_one_line(exc)[:160]})") from None
+    if isinstance(ck, dict) and ck.get("format") == "dplora_ray.checkpoint/v1":
+        raise OutputError("--resume", str(run_dir),
+                          f"{CHECKPOINT_FILE} was written by an older dplora_ray whose noise "
+                          "was derived from the public seed; it cannot be continued "
+                          "privately: start a new run")
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise OutputError("--resume", str(run_dir),
                           f"{CHECKPOINT_FILE} is not a {CHECKPOINT_FORMAT} checkpoint")
@@ -491,19 +434,30 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _compare_configs(saved: ExperimentConfig, given: ExperimentConfig, run_dir: Path
                      ) -> list[str]:
-    """Refuse a config that would not continue the saved run; return the ``runtime``
-    keys that differ (where and how clients run: they never change what is computed)."""
+    """Refuse a config that would not continue the saved run exactly; return the
+    :data:`RESUMABLE_RUNTIME_KEYS` that differ (where and how clients run: they never
+    change what is computed). A change of ``runtime.cpus_per_worker`` that changes the
+    torch thread count (``runtime.torch_threads`` unset) is refused too."""
     old, new = _flat(config_to_dict(saved)), _flat(config_to_dict(given))
     changed_runtime = []
+    if saved.runtime.threads != given.runtime.threads:
+        key = ("runtime.torch_threads" if old.get("runtime.torch_threads")
+               != new.get("runtime.torch_threads") else "runtime.cpus_per_worker")
+        raise ConfigError(key, new.get(key),
+                          f"changes the torch thread count of the run being resumed in "
+                          f"{str(run_dir)!r} ({saved.runtime.threads} -> "
+                          f"{given.runtime.threads}), and with it the floating-point "
+                          "results; resume with the same thread count or start a new run")
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue
-        if key.startswith("runtime."):
+        if key in RESUMABLE_RUNTIME_KEYS:
             changed_runtime.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
             continue
+        why = " (it changes what is computed)" if key.startswith("runtime.") else ""
         raise ConfigError(key, new.get(key),
                           f"differs from the run being resumed in {str(run_dir)!r} "
-                          f"({old.get(key)!r}); resume with that run's config "
+                          f"({old.get(key)!r}){why}; resume with that run's config "
                           "(omit CONFIG) or start a new run")
     return changed_runtime
 
@@ -704,16 +658,20 @@ class _Run:
         self.init_full = backend.get(backend.submit(w0, "initial_state"))
         trainable_keys = backend.get(backend.submit(w0, "trainable_keys"))
         self.initial = {k: self.init_full[k] for k in trainable_keys}
+        mech = pp.mechanism
+        if mech.local_training == "paper":  # every trainable tensor in the A or B group
+            mech.paper_groups(trainable_keys)
         if pc.preflight:  # in every mode: a LoRA tensor off the classifier path never trains
             info = backend.get(backend.submit(w0, "preflight"))
-            what = {"dpsgd": "got per-sample gradients and changed after a private step",
-                    "paper": "got gradients and changed after a private step"}.get(
-                        pp.mode, "got gradients")
             kind = "tensors" if self.fed.strategy == "full" else "LoRA tensors"
-            self.say(f"preflight passed ({info['checked_tensors']} {kind} {what})")
+            self.say(f"preflight passed ({info['checked_tensors']} {kind} "
+                     f"{mech.preflight_words})")
+        self.noise_key = self._noise_key(prior)
         self.aggregator = backend.make_aggregator(
             initial=self.initial, mode=pp.mode, server_learning_rate=self.fed.server_learning_rate,
-            clipping_norm=pc.clipping_norm, seed=cfg.seed,
+            clipping_norm=pc.clipping_norm,
+            noise_key=(self.noise_key.derive(mech.noise_stream)
+                       if self.noise_key is not None and mech.noise_by == "server" else None),
             keep_last_update=self.fed.compression == "cmfl")
         from dplora_ray.federated.client import TRANSFER_DTYPES
 
@@ -722,7 +680,7 @@ class _Run:
         order = np.argsort(self.plan.data.test.lengths(), kind="stable")
         self.eval_chunks = [order[s:s + EVAL_BATCH_SIZE]
                             for s in range(0, len(order), EVAL_BATCH_SIZE)]
-        if pp.mode != "none":
+        if pp.private:
             from dplora_ray.privacy import PrivacyLedger
 
             self.ledger: Any = PrivacyLedger(mode=pc.mode, accountant=pc.accountant,
@@ -752,7 +710,13 @@ class _Run:
         self.folder_ready = True
         if prior is not None:  # the result files as of the checkpoint
             self.write_results()
-        if pp.mode != "none":
+        else:  # round 0: the noise key is on disk before anything is released
+            self.checkpoint()
+        if self.noise_key is not None and self.noise_key.reproducible:
+            self.say(f"warning: privacy.noise_seed={pc.noise_seed} makes the noise "
+                     "reproducible: this run is NOT private against anyone who knows it "
+                     "(research and tests only; docs/privacy.md)")
+        if pp.private:
             unit_text = {"example": "one training example of a client",
                          "client": "all the data of one client"}[pp.unit]
             self.say(f"privacy: mode={pp.mode}, protects {unit_text}; noise multiplier "
@@ -761,13 +725,32 @@ class _Run:
                      f"delta={pc.delta:g}, planned epsilon {pp.planned_epsilon:.3f} "
                      f"({pc.accountant})")
 
+    def _noise_key(self, prior: dict[str, Any] | None) -> NoiseKey | None:
+        """The run's noise key: the checkpoint's when resuming, else a fresh secret (or
+        the public one of ``privacy.noise_seed``); None without privacy."""
+        if not self.pp.private:
+            return None
+        if prior is not None:
+            stored = prior.get("noise_key")
+            if not isinstance(stored, dict) or not isinstance(stored.get("secret"), str):
+                raise OutputError("--resume", str(self.out),
+                                  f"{CHECKPOINT_FILE} holds no noise key")
+            try:
+                return NoiseKey.from_hex(stored["secret"], bool(stored.get("reproducible")))
+            except PrivacyError:
+                raise OutputError("--resume", str(self.out),
+                                  f"{CHECKPOINT_FILE} holds a damaged noise key") from None
+        if self.pc.noise_seed is not None:
+            return NoiseKey.from_seed(self.pc.noise_seed)
+        return NoiseKey.generate()
+
     def restore(self, ck: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`checkpoint`."""
         if ck["rng"]["next_round"] != ck["server_round"] + 1 or ck["rng"]["seed"] != self.cfg.seed:
             raise OutputError("--resume", str(self.out), "the checkpoint's RNG position "
                               "does not match its round and seed")
         self.backend.get(self.backend.submit(self.aggregator, "restore", ck["aggregator"]))
-        if self.pp.mode != "none":
+        if self.pp.private:
             from dplora_ray.privacy import PrivacyLedger
 
             self.ledger = PrivacyLedger.from_dict(ck["ledger"])
@@ -793,7 +776,7 @@ class _Run:
     def checkpoint(self) -> None:
         ck = self.backend.get(self.backend.submit(self.aggregator, "checkpoint"))
         ledger = None
-        if self.pp.mode != "none":
+        if self.pp.private:
             from dplora_ray.privacy.ledger import LEDGER_FORMAT
 
             ledger = {"format": LEDGER_FORMAT, "mode": self.ledger.mode,
@@ -808,8 +791,13 @@ class _Run:
             "stop_reason": self.stop_reason,
             "aggregator": ck,
             "ledger": ledger,
-            "rng": {"scheme": "derived from (seed, stream, round, client); see runner",
+            "rng": {"scheme": "public: (seed, stream, round, client); noise: (noise key, "
+                              "stream, round, client, step); see dplora_ray.privacy.streams",
                     "seed": self.cfg.seed, "next_round": self.done_rounds + 1},
+            # the ONLY copy of the secret: this file must not be shared (docs/privacy.md)
+            "noise_key": (None if self.noise_key is None else
+                          {"secret": self.noise_key.to_hex(),
+                           "reproducible": self.noise_key.reproducible}),
             "cohorts": [[int(c) for c in cohort]
                         for cohort in self.plan.cohorts[:self.done_rounds]],
             "rounds": _plain(self.rounds_rows),
@@ -930,9 +918,14 @@ class _Run:
         # CMFL's reference: the last applied global update (None otherwise)
         self.last_update_ref = (backend.submit(self.aggregator, "get_last_update")
                                 if fed.compression == "cmfl" else None)
-        jobs = {int(cid): ClientJob(client_id=int(cid), indices=self.plan.parts[int(cid)],
-                                    seed=derive_seed(cfg.seed, 2, r, int(cid)),
-                                    noise_multiplier=pp.noise_multiplier)
+        mech = pp.mechanism
+        client_noise = self.noise_key is not None and mech.noise_by == "client"
+        jobs = {int(cid): ClientJob(
+                    client_id=int(cid), indices=self.plan.parts[int(cid)],
+                    seed=public_seed(cfg.seed, PublicStream.CLIENT, r, int(cid)),
+                    noise_multiplier=pp.noise_multiplier,
+                    noise_key=(self.noise_key.derive(mech.noise_stream, r, int(cid))
+                               if client_noise else None))
                 for cid in cohort}
         pending: dict[Any, _Pending] = {}
         ws = self.pool.usable()
@@ -956,7 +949,7 @@ class _Run:
             self.last_eval = self.evaluate(backend.submit(self.aggregator, "get_state"))
         eval_loss, eval_acc, eval_f1, eval_f1w, eval_ppl, eval_rouge = (
             self.last_eval if do_eval else (math.nan,) * 6)
-        eps_units = self.ledger.epsilons() if pp.mode != "none" else {}
+        eps_units = self.ledger.epsilons() if pp.private else {}
         epsilon = max(eps_units.values()) if eps_units else None
         eps_mean = float(np.mean(list(eps_units.values()))) if eps_units else None
         self.add_client_rows(r, outcomes, eps_units, epsilon)
@@ -973,7 +966,7 @@ class _Run:
             R.BYTES_DOWN: self.down_bytes * len(cohort),
             R.ROUND_SECONDS: time.perf_counter() - t0, R.EPSILON: epsilon,
             R.EPSILON_MEAN: eps_mean,
-            R.NOISE_MULTIPLIER: pp.noise_multiplier if pp.mode != "none" else None,
+            R.NOISE_MULTIPLIER: pp.noise_multiplier if pp.private else None,
         }
         self.rounds_rows.append(row)
         self.done_rounds = r
@@ -986,7 +979,7 @@ class _Run:
 
     def add_client_rows(self, r: int, outcomes: dict[int, _Outcome],
                         eps_units: dict[str, float], epsilon: float | None) -> None:
-        per_unit = self.pp.unit == "example" or self.pp.mode == "local"
+        per_unit = self.pp.mechanism.per_client_epsilon()
         for cid in sorted(outcomes):
             o, x = outcomes[cid], outcomes[cid].result
             row = {
@@ -1073,7 +1066,7 @@ class _Run:
         for o in outcomes.values():
             if o.status != STATUS_FAILED:
                 o.status = STATUS_ABORTED
-        eps_units = self.ledger.epsilons() if self.pp.mode != "none" else {}
+        eps_units = self.ledger.epsilons() if self.pp.private else {}
         self.add_client_rows(r, outcomes, eps_units, max(eps_units.values(), default=None))
         self.write_results()  # the finished rounds, this round's rows, all charges
         why = (f"runtime.on_client_failure={policy!r}" if policy != "retry" else
@@ -1111,7 +1104,7 @@ class _Run:
 
     def write_summary(self, stop_reason: str) -> dict[str, Any]:
         pp, pc, fed, rows = self.pp, self.pc, self.fed, self.rounds_rows
-        private = pp.mode != "none"
+        private = pp.private
         def none_if_nan(ev: tuple[Any, ...]) -> tuple[Any, ...]:  # metrics of another task
             return tuple(None if isinstance(x, float) and math.isnan(x) else x for x in ev)
 
@@ -1139,6 +1132,10 @@ class _Run:
             "privacy_mode": pp.mode,
             "privacy_unit": pp.unit,
             "accountant": pc.accountant if private else None,
+            # true: the noise is a public function of privacy.noise_seed (not private
+            # against anyone who knows it); false: a secret key from the OS
+            "noise_reproducible": (self.noise_key.reproducible if private
+                                   and getattr(self, "noise_key", None) is not None else None),
             "rounds_completed": len(rows),
             "rounds_planned": fed.rounds,
             "stop_reason": stop_reason,

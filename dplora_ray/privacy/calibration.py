@@ -20,6 +20,7 @@ from dplora_ray.privacy.accountant import (
     SampledGaussian,
     compute_epsilon,
 )
+from dplora_ray.privacy.mechanisms import DP_MODES, effective_noise_scale
 
 __all__ = [
     "DP_MODES",
@@ -27,59 +28,9 @@ __all__ = [
     "effective_noise_scale",
 ]
 
-#: The privacy modes that add noise (``privacy.mode`` minus ``none``).
-DP_MODES: tuple[str, ...] = ("dpsgd", "paper", "client", "local")
-
 _TOLERANCE = 0.02  # accept epsilon in [(1 - tol) * target, target]
 _MIN_NOISE = 1e-6  # below this the search stops looking for a smaller multiplier
 _MAX_PROBES = 200
-
-
-def effective_noise_scale(mode: str, train_a: bool) -> float:
-    """Factor turning a mode's noise multiplier into the one the accountant must use.
-
-    The accountant needs noise standard deviation divided by the L2 sensitivity of what
-    is released when one protected unit changes.
-
-    * ``dpsgd`` (per-example clipping to C, noise N(0, sigma^2 C^2) on the sum; Abadi et
-      al. 2016, Alg. 1) and ``client`` (DP-FedAvg, McMahan et al. 2018, Alg. 1: each
-      client update clipped to C, noise with std sigma * C on the sum), accounted for
-      adding/removing one unit: the sensitivity is C, so the scale is 1.
-    * ``local`` (each client clips its update to C and adds N(0, sigma^2 C^2) before
-      upload): the server sees each client's upload under its identity, so "the client
-      is absent" is not a meaningful neighbour; local DP compares any two datasets of the
-      same client (replacement). Two clipped updates differ by up to 2C: scale 1/2.
-    * ``paper`` (DP-LoRA, Liu et al. 2023, arXiv:2312.17493, Alg. 1): the client clips the
-      *batch-averaged* gradient of A and, separately, of B to norm C and adds
-      N(0, sigma^2 C^2) to each. Changing one record can move a clipped vector anywhere
-      in the ball of radius C, i.e. by up to 2C (the average is taken before clipping, so
-      nothing bounds one record's share of it). A and B together move by at most
-      sqrt((2C)^2 + (2C)^2) = 2 sqrt(2) C, while the noise on the concatenated (A, B)
-      vector is isotropic with std sigma * C. The effective multiplier is therefore
-      sigma / (2 sqrt(2)): scale 1 / (2 sqrt(2)). With FFA-LoRA (``train_a`` False, only
-      B is trained and released) the sensitivity is 2C: scale 1/2. Conditioning on the
-      rest of the Poisson batch, neighbouring outputs differ by a shift of norm at most
-      this sensitivity, so the sampled-Gaussian bound of Mironov et al. 2019
-      (arXiv:1908.10530) applies with the effective multiplier.
-
-    Args:
-        mode: ``dpsgd``, ``paper``, ``client`` or ``local``.
-        train_a: whether LoRA's A factor is trained and released (False: FFA-LoRA).
-
-    Returns:
-        The scale; effective noise multiplier = noise_multiplier * scale.
-
-    Raises:
-        PrivacyError: unknown mode.
-    """
-    if mode not in DP_MODES:
-        raise PrivacyError(
-            f"mode must be one of {', '.join(repr(m) for m in DP_MODES)}. Found {mode!r}.")
-    if mode == "local":
-        return 0.5
-    if mode != "paper":
-        return 1.0
-    return 1.0 / (2.0 * math.sqrt(2.0)) if train_a else 0.5
 
 
 def _validate(target_epsilon: float, sampling_rate: float, steps: int, delta: float,

@@ -33,7 +33,7 @@ import numpy as np
 
 from dplora_ray.errors import PrivacyError
 from dplora_ray.privacy.accountant import ACCOUNTANTS, SampledGaussian, compute_epsilon
-from dplora_ray.privacy.calibration import DP_MODES
+from dplora_ray.privacy.mechanisms import ALL_CLIENTS, DP_MODES, MECHANISMS
 
 __all__ = [
     "ALL_CLIENTS",
@@ -44,42 +44,23 @@ __all__ = [
     "unit_of_privacy_for",
 ]
 
-#: The ledger unit of client-level DP-FedAvg: one mechanism covers every client.
-ALL_CLIENTS = "all-clients"
 #: Identifies ledger JSON files.
 LEDGER_FORMAT = "dplora_ray.privacy_ledger/v1"
-
-_UNITS_OF_PRIVACY = {"dpsgd": "example", "paper": "example", "client": "client",
-                     "local": "client"}
-
-_PROTECTS = {
-    "dpsgd": ("any one training example of a client, against anyone who sees the LoRA "
-              "updates the client uploads (per-example clipping and Gaussian noise, "
-              "DP-SGD)"),
-    "paper": ("any one training example of a client, against anyone who sees the LoRA "
-              "updates the client uploads (batch-level clipping and Gaussian noise on A "
-              "and B as in DP-LoRA; effective noise multiplier sigma / (2 sqrt 2), "
-              "or sigma / 2 with FFA-LoRA)"),
-    "client": ("the participation and entire data of any one client, against anyone who "
-               "sees the global adapter (DP-FedAvg; the server is trusted to add the "
-               "noise)"),
-    "local": ("the entire data of any one client, against everyone including the server "
-              "(each client noises its clipped update before upload)"),
-}
 
 
 def unit_of_privacy_for(mode: str) -> str:
     """``"example"`` for ``dpsgd``/``paper``, ``"client"`` for ``client``/``local``."""
-    if mode not in _UNITS_OF_PRIVACY:
+    mech = MECHANISMS.get(mode) if isinstance(mode, str) else None
+    if mech is None or not mech.private:
         raise PrivacyError(
             f"mode must be one of {', '.join(repr(m) for m in DP_MODES)}. Found {mode!r}.")
-    return _UNITS_OF_PRIVACY[mode]
+    return mech.unit
 
 
 def protects_sentence(mode: str) -> str:
     """One human sentence stating what a mode's epsilon protects."""
     unit_of_privacy_for(mode)  # validates
-    return f"(epsilon, delta)-DP for {_PROTECTS[mode]}."
+    return f"(epsilon, delta)-DP for {MECHANISMS[mode].protects}."
 
 
 def _is_int(value: object) -> bool:

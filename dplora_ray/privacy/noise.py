@@ -29,6 +29,7 @@ __all__ = [
     "add_gaussian_noise",
     "clip_by_global_norm",
     "global_l2_norm",
+    "per_sample_clip_factors",
 ]
 
 
@@ -109,6 +110,55 @@ def clip_by_global_norm(tensors: Mapping[str, torch.Tensor], clipping_norm: floa
         factor *= clipping_norm / clipped_norm * (1.0 - slack)
     raise PrivacyError(  # pragma: no cover - rounding cannot survive eight shrinkings
         f"clipping to clipping_norm={clipping_norm!r} did not converge")
+
+
+def per_sample_clip_factors(grad_samples: list[torch.Tensor], clipping_norm: float
+                            ) -> torch.Tensor:
+    """Per-example factors that scale each example's gradient to L2 norm <= C, exactly.
+
+    ``grad_samples`` are the per-example gradients of each parameter (first dimension:
+    the examples), cast to float32 whatever dtype the forward and backward ran in (bf16
+    autocast included): norms are accumulated in float64, the factors are float32, and any
+    example whose scaled gradient (computed in float32, as it will be summed) still lands
+    above C after rounding is shrunk again until it does not. So
+    ``|| factor_i * g_i ||_2 <= C`` holds for every example in the float32 arithmetic the
+    caller uses. A non-finite norm gives a NaN factor (the update is then non-finite and
+    rejected), never a silently clipped one.
+
+    Returns:
+        float32 factors in [0, 1], shape ``[examples]``, on the first tensor's device.
+    """
+    if (isinstance(clipping_norm, bool) or not isinstance(clipping_norm, (int, float))
+            or not math.isfinite(clipping_norm) or clipping_norm <= 0):
+        raise PrivacyError(f"clipping_norm must be a finite number > 0. Found {clipping_norm!r}.")
+    if not grad_samples:
+        raise PrivacyError("per_sample_clip_factors needs at least one tensor")
+    n = grad_samples[0].shape[0]
+    device = grad_samples[0].device
+    if n == 0:  # an empty Poisson batch: nothing to clip
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    flat = [g.detach().to(torch.float32).reshape(n, -1) for g in grad_samples]
+
+    def norms(factors: torch.Tensor | None) -> torch.Tensor:
+        total = torch.zeros(n, dtype=torch.float64, device=device)
+        for g in flat:
+            x = g if factors is None else g * factors.unsqueeze(1)  # float32, as summed
+            total += x.to(torch.float64).square().sum(dim=1)
+        return total.sqrt()
+
+    before = norms(None)
+    factors = (clipping_norm / before).clamp(max=1.0).to(torch.float32)
+    factors = torch.where(torch.isfinite(before), factors, torch.full_like(factors, math.nan))
+    slack = torch.finfo(torch.float32).eps
+    for _ in range(8):
+        after = norms(factors)
+        over = after > clipping_norm  # NaN compares False: left as NaN
+        if not bool(over.any()):
+            return factors
+        shrink = (clipping_norm / after * (1.0 - 2 * slack)).to(torch.float32)
+        factors = torch.where(over, factors * shrink, factors)
+    raise PrivacyError(  # pragma: no cover - rounding cannot survive eight shrinkings
+        f"per-example clipping to clipping_norm={clipping_norm!r} did not converge")
 
 
 def add_gaussian_noise(tensors: Mapping[str, torch.Tensor], std: float,
