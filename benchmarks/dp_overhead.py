@@ -166,6 +166,7 @@ def _time(fn: Callable[[], None]) -> float:
 def measure(quick: bool) -> dict[str, Any]:
     """Per-step times of the non-private step and each private mode, and their ratios."""
     from dplora_ray.federated.client import ClientJob
+    from dplora_ray.privacy.streams import NoiseKey
 
     model = "tiny-llama" if quick else "smollm2-135m"
     vocab = model_vocab_size(smollm2_config(model))
@@ -215,7 +216,7 @@ def measure(quick: bool) -> dict[str, Any]:
     # Poisson rate is 1 and every DP batch is exactly the 8)
     prod: dict[str, float] = {}
     job = ClientJob(client_id=0, indices=np.arange(TOKEN_BATCH), seed=5,
-                    noise_multiplier=NOISE_MULTIPLIER)
+                    noise_multiplier=NOISE_MULTIPLIER, noise_key=NoiseKey.generate())
     start = s.plain.initial_state()
     state = {k: start[k] for k in s.plain.trainable_keys()}
     for w in (s.plain, s.hooks):

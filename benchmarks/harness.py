@@ -37,6 +37,7 @@ import numpy as np
 from benchmarks.common import actor_options
 from dplora_ray.federated.aggregator import fedavg
 from dplora_ray.federated.client import ClientJob, ClientWorker
+from dplora_ray.privacy.streams import NoiseKey
 
 __all__ = ["DISPATCH_MODES", "BenchAggregator", "RoundHarness", "RoundTiming",
            "TimedClientWorker"]
@@ -234,7 +235,8 @@ class RoundHarness:
         if mode not in DISPATCH_MODES:
             raise ValueError(f"mode must be one of {DISPATCH_MODES}, got {mode!r}")
         workers = self.workers[:use_workers] if use_workers else self.workers
-        jobs = [ClientJob(client_id=int(c), indices=parts[int(c)], seed=s)
+        jobs = [ClientJob(client_id=int(c), indices=parts[int(c)], seed=s,
+                          noise_key=NoiseKey.generate())
                 for c, s in zip(cohort, seeds)]
         t0 = time.time()
         run = self._per_worker if mode == "per_worker" else self._per_client

@@ -127,7 +127,8 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "eval_accuracy_before", "eval_f1_macro_before", "eval_accuracy", "eval_f1_macro",
     "eval_f1_weighted_before", "eval_f1_weighted", "eval_perplexity_before",
     "eval_perplexity", "eval_rouge_l_before", "eval_rouge_l", "task_type",
-    "epsilon", "delta", "noise_multiplier", "privacy_mode", "privacy_unit",
+    "epsilon", "delta", "noise_multiplier", "noise_reproducible", "privacy_mode",
+    "privacy_unit",
     "rounds_completed", "rounds_planned", "stop_reason", "bytes_up_total",
     "bytes_down_total", "wall_seconds", "trainable_parameters", "model",
 )

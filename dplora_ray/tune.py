@@ -164,6 +164,8 @@ SWEEP_SCHEMA = pa.schema(
         (EPSILON, pa.float64()),
         (DELTA, pa.float64()),
         (NOISE_MULTIPLIER, pa.float64()),
+        # true: the trial's noise came from privacy.noise_seed (public, not private)
+        ("noise_reproducible", pa.bool_()),
         (BYTES_UP, pa.int64()),
         (BYTES_DOWN, pa.int64()),
         (ROUNDS_COMPLETED, pa.int64()),
@@ -209,6 +211,7 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "epsilon": EPSILON,
     "delta": DELTA,
     "noise_multiplier": NOISE_MULTIPLIER,
+    "noise_reproducible": "noise_reproducible",
     "bytes_up_total": BYTES_UP,
     "bytes_down_total": BYTES_DOWN,
     "rounds_completed": ROUNDS_COMPLETED,
