@@ -85,39 +85,20 @@ def comparable_epsilon(mode: str, epsilons: Mapping[str, float],
 def _score(backend: Any, state_ref: Any, split: EncodedSplit, index: np.ndarray,
            num_labels: int) -> np.ndarray:
     """Label log-probabilities of ``split[index]``: fixed chunks of one length-sorted
-    order, dealt round-robin to the workers; a lost worker's chunks move on."""
-    from dplora_ray.errors import RunFailedError
-    from dplora_ray.federated.backends import WorkerLost
+    order, dealt to the workers with :func:`~dplora_ray.federated.pool.scatter` (a lost
+    worker's chunks move on)."""
+    from dplora_ray.federated.pool import WorkerPool, scatter
 
     index = np.asarray(index, dtype=np.int64)
     order = index[np.argsort(split.lengths()[index], kind="stable")]
     chunks = [order[s:s + SCORE_CHUNK] for s in range(0, len(order), SCORE_CHUNK)]
-    n_w = len(backend.workers)
-    todo = {w: list(range(w, len(chunks), n_w)) for w in range(n_w)}
+    pool = WorkerPool(backend, lambda m: None)
+    parts = scatter(pool, "audit_scores", state_ref,
+                    [subset_split(split, c) for c in chunks],
+                    max_losses=3, what="privacy audit")
     out = np.full((len(split), num_labels), np.nan)
-    tries = 0
-    while any(todo.values()):
-        futs = {w: backend.submit(backend.workers[w], "audit_scores", state_ref,
-                                  [subset_split(split, chunks[j]) for j in js])
-                for w, js in todo.items() if js}
-        lost = []
-        for w, fut in futs.items():
-            try:
-                parts = backend.get(fut)
-            except WorkerLost:
-                lost.append(w)
-                continue
-            for j, lp in zip(todo[w], parts):
-                out[chunks[j]] = lp
-            todo[w] = []
-        tries += 1
-        if lost and tries > 3:
-            raise RunFailedError(f"privacy audit: workers {lost} were lost {tries} times")
-        for w in lost:
-            nxt = (w + 1) % n_w
-            if nxt != w:
-                todo[nxt] = sorted(todo[nxt] + todo[w])
-                todo[w] = []
+    for c, lp in zip(chunks, parts):
+        out[c] = lp
     return out[index]
 
 

@@ -36,19 +36,14 @@ Invariants: what leaves a worker is LoRA tensors (in the transfer dtype, already
 Randomness: batch sampling and dropout come from the job's public ``seed``; noise only
 from the job's ``noise_key`` (one generator per local step), never from the seed.
 
-Wire format: an update is a :class:`PackedUpdate`, an ordinary ``dict`` of tensors that
-pickles (and so travels through Ray) as one flat byte buffer plus a compressed list of its
-keys and shapes. Pickling tensors one by one costs about 400 bytes and 0.1-0.2 ms each
-(a zip archive per storage): 2% of a SmolLM2-135M r=8 q/v update, and more CPU time than
-the training of a tiny-model client (see docs/benchmarks.md).
+Wire format: :mod:`dplora_ray.federated.wire`; the preflight:
+:mod:`dplora_ray.federated.preflight`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,9 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from dplora_ray.config import ExperimentConfig, config_from_dict
-from dplora_ray.errors import PreflightError, PrivacyError
+from dplora_ray.errors import PrivacyError
 from dplora_ray.federated.compression import cmfl_should_upload, ternary_encode
 from dplora_ray.federated.encoding import EncodedData
+from dplora_ray.federated.wire import TRANSFER_DTYPES, PackedUpdate, tensor_bytes
 from dplora_ray.models import (
     build_lora_model,
     load_base_model,
@@ -76,16 +72,11 @@ from dplora_ray.privacy.noise import (
     clip_by_global_norm,
     global_l2_norm,
 )
-from dplora_ray.privacy.streams import NoiseKey, PublicStream, public_seed
+from dplora_ray.privacy.streams import NoiseKey
+from dplora_ray.results import STATUS_NONFINITE, STATUS_OK, STATUS_SKIPPED_IRRELEVANT
 
 __all__ = ["ClientJob", "ClientResult", "ClientWorker", "PackedUpdate", "tensor_bytes"]
 
-TRANSFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}
-
-STATUS_OK = "ok"
-STATUS_NONFINITE = "rejected_nonfinite"
-STATUS_SKIPPED_IRRELEVANT = "skipped_irrelevant"  # CMFL: not uploaded (not an error)
 
 
 @dataclass(frozen=True)
@@ -118,47 +109,6 @@ class ClientResult:
     steps: int
     sampling_rate: float
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-def _unpack_update(spec: bytes, buffer: np.ndarray) -> PackedUpdate:
-    dtype_name, entries = json.loads(zlib.decompress(spec))
-    dtype = getattr(torch, dtype_name)
-    flat = torch.from_numpy(np.array(buffer, dtype=np.uint8, copy=True)).view(dtype)
-    out, pos = PackedUpdate(), 0
-    for key, shape in entries:
-        n = math.prod(shape)
-        # each tensor gets its own storage: views of one buffer would each pickle the
-        # whole buffer if someone copied them into a plain dict
-        out[key] = flat[pos:pos + n].reshape(shape).clone()
-        pos += n
-    return out
-
-
-class PackedUpdate(dict):
-    """A client's update: a plain ``dict`` (key -> CPU tensor) that pickles as one flat
-    byte buffer plus its zlib-compressed keys, shapes and dtype.
-
-    Unpickling gives a ``PackedUpdate`` again whose tensors each own their storage. A
-    mapping whose tensors differ in dtype or device pickles as a plain dict would.
-    """
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        values = list(self.values())
-        if (not values or len({v.dtype for v in values}) != 1
-                or any(not torch.is_tensor(v) or v.device.type != "cpu" for v in values)):
-            return (PackedUpdate, (dict(self),))
-        dtype = values[0].dtype
-        flat = torch.cat([v.detach().reshape(-1) for v in values])
-        buffer = flat.view(torch.uint8).numpy()
-        spec = zlib.compress(json.dumps(
-            [str(dtype).removeprefix("torch."),
-             [[k, list(v.shape)] for k, v in self.items()]]).encode())
-        return (_unpack_update, (spec, buffer))
-
-
-def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of the tensor payload (numel x element size, what is serialised as data)."""
-    return int(sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
 class ClientWorker:
@@ -504,83 +454,11 @@ class ClientWorker:
 
     # ----------------------------------------------------------------- preflight
     def preflight(self) -> dict[str, Any]:
-        """One private step on a synthetic batch (random tokens, so nothing private is
-        touched and nothing needs accounting); fails if a trainable LoRA tensor got no
-        per-sample gradient or did not change. Parameters are restored afterwards."""
-        mech = self.mech
-        before = {k: p.detach().clone() for k, p in self._params.items()}
-        # public randomness: the batch is synthetic and the step is undone afterwards, so
-        # nothing is released and no secret is needed
-        gen = torch.Generator().manual_seed(public_seed(self.cfg.seed, PublicStream.PREFLIGHT))
-        vocab = self._base().get_input_embeddings().weight.shape[0]
-        bsz, width = 4, 12
-        rows = bsz * self.choices
-        n_labels = self.choices if self.task_type == "multiple_choice" else len(self.label_ids)
-        batch = {
-            "input_ids": torch.randint(3, vocab, (rows, width), generator=gen),
-            "attention_mask": torch.ones(rows, width, dtype=torch.long),
-            "last_index": torch.full((rows,), width - 1, dtype=torch.long),
-            "labels": torch.randint(0, max(1, n_labels), (bsz,), generator=gen),
-        }
-        if self.task_type != "classification":  # the second half of each row is target
-            batch["target_mask"] = (torch.arange(width) >= width // 2).long().expand(
-                rows, width).clone()
-        params = list(self._params.values())
-        problems: list[str] = []
-        self.model.train()
-        try:
-            if mech.local_training == "dpsgd":
-                from dplora_ray.privacy.dpsgd import Float32ClipDPOptimizer
+        """One private step on a synthetic batch (:func:`~dplora_ray.federated.preflight.
+        run_preflight`); parameters are restored afterwards."""
+        from dplora_ray.federated.preflight import run_preflight
 
-                opt = Float32ClipDPOptimizer(
-                    torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0,
-                    max_grad_norm=self.cfg.privacy.clipping_norm, expected_batch_size=bsz,
-                    loss_reduction="mean",
-                    generator=torch.Generator(device=self.device).manual_seed(
-                        public_seed(self.cfg.seed, PublicStream.PREFLIGHT, 1)))
-                opt.zero_grad(set_to_none=True)
-                failure = None
-                try:
-                    (self._batch_loss(batch).mean() / self.choices).backward()
-                    self._fold_grad_samples()
-                except (IndexError, RuntimeError, ValueError) as exc:  # Opacus' hooks
-                    failure = f"per-sample gradients failed ({type(exc).__name__}: {exc})"
-                for k, p in self._params.items():
-                    gs = getattr(p, "grad_sample", None)
-                    if gs is None or gs.shape[0] != bsz:
-                        problems.append(f"{k}: no per-sample gradient")
-                if failure is not None:
-                    problems.append(failure)
-                if not problems:  # DPOptimizer raises on a missing per-sample gradient
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-            else:
-                opt = torch.optim.SGD(params, lr=0.1)
-                opt.zero_grad(set_to_none=True)
-                self._batch_loss(batch).mean().backward()
-                for k, p in self._params.items():
-                    if p.grad is None:
-                        problems.append(f"{k}: no gradient")
-                if mech.local_training == "paper":
-                    self._paper_noise_inplace(self.cfg.privacy.clipping_norm, 1.0,
-                                              torch.Generator().manual_seed(public_seed(
-                                                  self.cfg.seed, PublicStream.PREFLIGHT, 1)))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if mech.local_training != "plain" and not problems:  # noise moves every tensor
-                for k, p in self._params.items():
-                    if torch.equal(p.detach(), before[k]):
-                        problems.append(f"{k}: unchanged after a private step")
-        finally:
-            self.model.eval()
-            with torch.no_grad():
-                for k, p in self._params.items():
-                    p.copy_(before[k])
-        if problems:
-            label = "privacy preflight" if mech.private else "preflight"
-            raise PreflightError(f"{label} ({mech.name}) failed for "
-                                 f"{len(problems)} LoRA tensor(s); first: {problems[0]}")
-        return {"checked_tensors": len(self._params), "mode": mech.name}
+        return run_preflight(self)
 
     # ----------------------------------------------------------------- evaluation
     @torch.inference_mode()
@@ -592,65 +470,13 @@ class ClientWorker:
         out = self.evaluate_detail(state, index, batch_size, generate=False)
         return out["loss"], out["pred"]
 
-    @torch.inference_mode()
     def evaluate_detail(self, state: Mapping[str, torch.Tensor], index: np.ndarray,
                         batch_size: int = 32, generate: bool = True) -> dict[str, Any]:
-        """:meth:`evaluate` plus, for generation tasks, per example the summed answer NLL
-        (``nll``), its token count (``tokens``) and, with ``generate``, the greedy answer's
-        token ids (``generated``, at most ``data.max_new_tokens``, cut at the first
-        end-of-sequence token)."""
-        self._load_global(state)
-        self.model.eval()
-        index = np.asarray(index, dtype=np.int64)
-        split = self.data.test
-        order = index[np.argsort(split.lengths()[index], kind="stable")]
-        n = len(index)
-        out: dict[str, Any] = {"loss": np.zeros(n), "pred": np.zeros(n, dtype=np.int64)}
-        gen_task = self.task_type == "generation"
-        if gen_task:
-            out.update(nll=np.zeros(n), tokens=np.zeros(n, dtype=np.int64))
-            if generate:
-                out["generated"] = [None] * n
-        pos = {int(i): j for j, i in enumerate(index)}
-        for s in range(0, len(order), batch_size):
-            chunk = order[s:s + batch_size]
-            at = [pos[int(i)] for i in chunk]
-            batch = split.batch(chunk, self.data.pad_id)
-            if self.task_type == "classification":
-                logits = self._logits(batch, train=False).float().cpu()
-                out["loss"][at] = F.cross_entropy(logits, batch["labels"],
-                                                  reduction="none").numpy()
-                out["pred"][at] = logits.argmax(dim=1).numpy()
-                continue
-            total, count = (t.double().cpu() for t in self._target_logprobs(batch, False))
-            if self.task_type == "multiple_choice":
-                scores = total.view(-1, self.choices)
-                out["loss"][at] = F.cross_entropy(scores, batch["labels"],
-                                                  reduction="none").numpy()
-                out["pred"][at] = scores.argmax(dim=1).numpy()
-                continue
-            out["nll"][at] = (-total).numpy()
-            out["tokens"][at] = count.numpy().astype(np.int64)
-            out["loss"][at] = (-total / count.clamp_min(1.0)).numpy()
-            if generate:
-                for j, ids in zip(at, self._generate(split.prompt_batch(chunk,
-                                                                         self.data.pad_id))):
-                    out["generated"][j] = ids
-        return out
+        """Per-example results on test examples
+        (:func:`~dplora_ray.federated.client_eval.evaluate_detail`)."""
+        from dplora_ray.federated.client_eval import evaluate_detail
 
-    def _generate(self, prompts: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
-        """Greedy answers (token ids, end-of-sequence and after removed)."""
-        eos = self.data.eos_id
-        ids = prompts["input_ids"].to(self.device)
-        gen = self.model.generate(
-            input_ids=ids, attention_mask=prompts["attention_mask"].to(self.device),
-            max_new_tokens=self.cfg.data.max_new_tokens, do_sample=False,
-            pad_token_id=self.data.pad_id, eos_token_id=eos)
-        out = []
-        for row in gen[:, ids.shape[1]:].cpu().numpy():
-            stop = np.flatnonzero(row == eos) if eos is not None else []
-            out.append(row[:stop[0]] if len(stop) else row)
-        return out
+        return evaluate_detail(self, state, index, batch_size, generate)
 
     def ping(self) -> int:
         return self.worker_index
