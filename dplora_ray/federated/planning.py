@@ -24,7 +24,8 @@ from dplora_ray.federated.encoding import (
     encode_split,
     label_token_ids,
 )
-from dplora_ray.privacy.mechanisms import PrivacyPlan, get_mechanism, plan_privacy
+from dplora_ray.privacy.mechanisms import get_mechanism
+from dplora_ray.privacy.plan import PrivacyPlan, plan_privacy
 from dplora_ray.privacy.streams import PublicStream, public_rng, public_seed
 
 __all__ = [

@@ -110,7 +110,8 @@ from dplora_ray.federated.pool import Backend, WorkerPool
 from dplora_ray.federated.progress import Progress
 from dplora_ray.federated.rounds import STOP_COMPLETED, RoundsMixin
 from dplora_ray.fileio import one_line
-from dplora_ray.privacy.mechanisms import ALL_CLIENTS, PrivacyPlan
+from dplora_ray.privacy.mechanisms import ALL_CLIENTS
+from dplora_ray.privacy.plan import PrivacyPlan
 from dplora_ray.privacy.streams import NoiseKey
 from dplora_ray.results import (
     ACCEPTED_STATUSES,

@@ -23,8 +23,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dplora_ray.privacy.accountant import DEFAULT_ORDERS, SampledGaussian, compute_epsilon
-from dplora_ray.privacy.calibration import calibrate_noise_multiplier, effective_noise_scale
+from dplora_ray.privacy.calibration import calibrate_noise_multiplier
 from dplora_ray.privacy.ledger import LedgerEntry, PrivacyLedger
+from dplora_ray.privacy.mechanisms import effective_noise_scale
 
 if TYPE_CHECKING:
     from dplora_ray.privacy.noise import (

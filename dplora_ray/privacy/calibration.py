@@ -20,13 +20,8 @@ from dplora_ray.privacy.accountant import (
     SampledGaussian,
     compute_epsilon,
 )
-from dplora_ray.privacy.mechanisms import DP_MODES, effective_noise_scale
 
-__all__ = [
-    "DP_MODES",
-    "calibrate_noise_multiplier",
-    "effective_noise_scale",
-]
+__all__ = ["calibrate_noise_multiplier"]
 
 _TOLERANCE = 0.02  # accept epsilon in [(1 - tol) * target, target]
 _MIN_NOISE = 1e-6  # below this the search stops looking for a smaller multiplier

@@ -19,12 +19,9 @@ from typing import Any
 
 from dplora_ray.errors import ConfigError
 from dplora_ray.privacy.accountant import SampledGaussian, compute_epsilon
-from dplora_ray.privacy.calibration import (
-    DP_MODES,
-    calibrate_noise_multiplier,
-    effective_noise_scale,
-)
+from dplora_ray.privacy.calibration import calibrate_noise_multiplier
 from dplora_ray.privacy.ledger import protects_sentence, unit_of_privacy_for
+from dplora_ray.privacy.mechanisms import DP_MODES, effective_noise_scale
 
 __all__ = ["add_parser"]
 

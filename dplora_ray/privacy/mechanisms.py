@@ -16,8 +16,8 @@ client    client   server       plain, clip update  Poisson cohorts, q = K / N  
 local     client   each client  plain, clip+noise   every participation (q = 1) mean
 ========  =======  ===========  ==================  ==========================  ==========
 
-The privacy plan (:func:`plan_privacy`: the accounting front over clients, the noise
-calibration and the planned epsilon) lives here too.
+The privacy plan (the accounting front over clients, the noise calibration and the
+planned epsilon) is :func:`dplora_ray.privacy.plan.plan_privacy`.
 
 Invariants:
     * A mechanism is stateless; :data:`MECHANISMS` holds one instance per mode.
@@ -32,30 +32,27 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from dplora_ray.errors import ConfigError, PrivacyError
+from dplora_ray.privacy.entries import LedgerEntry
 from dplora_ray.privacy.streams import NoiseKey, NoiseStream
 
 if TYPE_CHECKING:  # config imports this module; no cycle at run time
     import torch
 
     from dplora_ray.config import ExperimentConfig
-    from dplora_ray.privacy.ledger import LedgerEntry
 
 __all__ = [
     "ALL_CLIENTS",
     "DP_MODES",
     "MECHANISMS",
     "Mechanism",
-    "PrivacyPlan",
     "client_unit",
     "effective_noise_scale",
     "get_mechanism",
-    "plan_privacy",
 ]
 
 #: The ledger unit of client-level DP-FedAvg: one mechanism covers every client.
@@ -190,8 +187,6 @@ class _ExampleLevel(Mechanism):
     def ledger_entries(self, server_round: int, cohort: Sequence[int], z: float,
                        cfg: ExperimentConfig, parts: Sequence[np.ndarray]
                        ) -> list[LedgerEntry]:
-        from dplora_ray.privacy.ledger import LedgerEntry
-
         fed = cfg.federation
         return [LedgerEntry(client_unit(int(c)), server_round, z,
                             min(1.0, fed.batch_size / len(parts[int(c)])), fed.local_steps)
@@ -273,8 +268,6 @@ class ClientLevel(Mechanism):
     def ledger_entries(self, server_round: int, cohort: Sequence[int], z: float,
                        cfg: ExperimentConfig, parts: Sequence[np.ndarray]
                        ) -> list[LedgerEntry]:
-        from dplora_ray.privacy.ledger import LedgerEntry
-
         fed = cfg.federation
         return [LedgerEntry(ALL_CLIENTS, server_round, z,
                             fed.clients_per_round / fed.num_clients, 1)]
@@ -318,8 +311,6 @@ class LocalLevel(Mechanism):
     def ledger_entries(self, server_round: int, cohort: Sequence[int], z: float,
                        cfg: ExperimentConfig, parts: Sequence[np.ndarray]
                        ) -> list[LedgerEntry]:
-        from dplora_ray.privacy.ledger import LedgerEntry
-
         return [LedgerEntry(client_unit(int(c)), server_round, z, 1.0, 1) for c in cohort]
 
     def per_client_epsilon(self) -> bool:
@@ -398,61 +389,3 @@ def effective_noise_scale(mode: str, train_a: bool) -> float:
         raise PrivacyError(
             f"mode must be one of {', '.join(repr(m) for m in DP_MODES)}. Found {mode!r}.")
     return mech.effective_scale(train_a)
-
-
-# =========================================================================== the plan
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """Noise and accounting parameters fixed before training."""
-
-    mechanism: Mechanism
-    noise_multiplier: float  # what the mechanism uses (the paper's sigma in `paper`)
-    effective_noise_multiplier: float  # what the accountant sees
-    budget: float | None
-    planned_epsilon: float | None
-
-    @property
-    def mode(self) -> str:
-        return self.mechanism.name
-
-    @property
-    def unit(self) -> str:
-        return self.mechanism.unit
-
-    @property
-    def private(self) -> bool:
-        return self.mechanism.private
-
-
-def plan_privacy(cfg: ExperimentConfig, parts: Sequence[np.ndarray],
-                 cohorts: Sequence[np.ndarray]) -> PrivacyPlan:
-    """Check delta and the sampling against the mechanism, calibrate sigma (or take
-    ``privacy.noise_multiplier``) so that every accounting unit's planned (q, steps)
-    stays within ``privacy.target_epsilon``, and compute the planned epsilon.
-
-    Only the Pareto front of the units' (q, steps) matters: a unit with both a lower
-    rate and fewer steps than another spends less.
-    """
-    from dplora_ray.privacy.accountant import SampledGaussian, compute_epsilon
-    from dplora_ray.privacy.calibration import calibrate_noise_multiplier
-
-    pc = cfg.privacy
-    mech = get_mechanism(pc.mode)
-    if not mech.private:
-        return PrivacyPlan(mech, 0.0, 0.0, None, None)
-    mech.check_delta(pc.delta, parts, cfg.federation.num_clients)
-    mech.check_config(cfg)
-    scale = mech.effective_scale(cfg.lora.train_a)
-    plans = dict.fromkeys(mech.accounting_plans(cfg, parts, cohorts))
-    front = [(q, t) for (q, t) in plans
-             if not any(q2 >= q and t2 >= t and (q2, t2) != (q, t) for (q2, t2) in plans)]
-    if pc.noise_multiplier is not None:
-        sigma = pc.noise_multiplier
-    else:
-        assert pc.target_epsilon is not None
-        sigma = max(calibrate_noise_multiplier(pc.target_epsilon, q, t, pc.delta,
-                                               pc.accountant, effective_scale=scale)
-                    for (q, t) in front) if front else 0.0
-    planned = max((compute_epsilon([SampledGaussian(sigma * scale, q, t)], pc.delta,
-                                   pc.accountant) for (q, t) in front), default=0.0)
-    return PrivacyPlan(mech, sigma, sigma * scale, pc.budget, planned)
