@@ -123,7 +123,7 @@ def _build_tiny_llama(folder: Path) -> None:
                          eos_token_id=2, tie_word_embeddings=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)  # type: ignore[arg-type]  # a Llama config
     model.save_pretrained(folder)
 
 
@@ -149,7 +149,7 @@ def _build_smollm2(folder: Path) -> None:
     config = quant.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # type: ignore[arg-type]  # a Llama config
     missing, unexpected = model.load_state_dict(quant.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
@@ -220,7 +220,8 @@ def load_base_model(cfg: ModelConfig) -> tuple[Any, Any]:
 def peft_config(lora: LoraSection) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha,  # type: ignore[arg-type]
+                      lora_dropout=lora.dropout,
                       target_modules=list(lora.target_modules), bias="none",
                       task_type="CAUSAL_LM")
 

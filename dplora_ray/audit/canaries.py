@@ -247,8 +247,9 @@ def insert_canaries(cfg: ExperimentConfig, data: EncodedData, parts: Sequence[np
 
     # natural examples of the sampled clients: half stay (members), half are held out
     m_n = a.mia_examples
-    pool = np.concatenate([np.asarray(parts[c], dtype=np.int64) for c in sampled])
-    pool_client = np.concatenate([np.full(len(parts[c]), c, dtype=np.int64) for c in sampled])
+    pool = np.concatenate([np.asarray(parts[int(c)], dtype=np.int64) for c in sampled])
+    pool_client = np.concatenate([np.full(len(parts[int(c)]), c, dtype=np.int64)
+                                  for c in sampled])
     if 2 * m_n > len(pool) - len(sampled):
         raise ConfigError("audit.mia_examples", m_n,
                           f"needs {2 * m_n} examples of the sampled clients (half held out), "

@@ -148,7 +148,8 @@ def run_audit(plan: AuditPlan, backend: Any, *, initial: Mapping[str, Any],
     for i in sec:
         true, others = float(lp[i, y[i]]), lp[cand, y[i]]
         exposures.append(sampled_exposure(true, others))
-        extrapolated.append(extrapolated_exposure(float(log_odds(true)), log_odds(others),
+        extrapolated.append(extrapolated_exposure(float(log_odds(np.array([true]))[0]),
+                                                  log_odds(others),
                                                   10.0 ** plan.secret_digits))
 
     # membership inference

@@ -50,8 +50,13 @@ def fedavg(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[floa
     if total <= 0:
         raise ValueError(f"fedavg weights must sum to > 0, got {total}")
     keys = sorted(updates[0])
-    return {k: sum(float(w) * u[k].float() for u, w in zip(updates, weights)) / total
-            for k in keys}
+    out: State = {}
+    for k in keys:
+        acc = torch.zeros_like(updates[0][k], dtype=torch.float32)
+        for u, w in zip(updates, weights):
+            acc = acc + float(w) * u[k].float()
+        out[k] = acc / total
+    return out
 
 
 def unweighted_mean(updates: Sequence[Mapping[str, torch.Tensor]]) -> State:

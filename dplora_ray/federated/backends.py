@@ -79,6 +79,7 @@ class RuntimeWorker(ClientWorker):
             import ray
 
             data = ray.get(data[0])
+        assert isinstance(data, EncodedData)
         super().__init__(cfg, data, worker_index)
         self._in_process = in_process
         self._fault_fired = False
@@ -191,7 +192,7 @@ class InlineBackend:
 
     def submit_client(self, worker: int, state: Any, job: ClientJob, server_round: int,
                       attempt: int, last_update: Any = None) -> tuple[_Call, _Call]:
-        handle = self.workers[worker]
+        handle: Any = self.workers[worker]
         both = _Call(lambda: handle.run_client(*_resolve_args((state,)), job, server_round,
                                                attempt, *_resolve_args((last_update,))))
         return _Call(lambda: both.resolve()[0]), _Call(lambda: both.resolve()[1])
@@ -292,7 +293,8 @@ class ActorBackend:
 
     def submit_client(self, worker: int, state: Any, job: ClientJob, server_round: int,
                       attempt: int, last_update: Any = None) -> tuple[Any, Any]:
-        call = self.workers[worker].run_client.options(num_returns=2)
+        handle: Any = self.workers[worker]
+        call = handle.run_client.options(num_returns=2)
         meta, update = call.remote(state, job, server_round, attempt, last_update)
         return meta, update
 
@@ -328,11 +330,11 @@ class ActorBackend:
 
     def restart_worker(self, worker: int) -> None:
         """End whatever worker ``worker`` is running (Ray starts it again)."""
-        self.ray.kill(self.workers[worker], no_restart=False)
+        self.ray.kill(self.workers[worker], no_restart=False)  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
         for w in self.workers:
-            self.ray.kill(w)
+            self.ray.kill(w)  # type: ignore[arg-type]
         if self.aggregator is not None:
             self.ray.kill(self.aggregator)
             self.aggregator = None

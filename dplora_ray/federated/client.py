@@ -301,16 +301,17 @@ class ClientWorker:
             torch.manual_seed(job.seed)  # dropout only; scoped, restored on exit
             self._load_global(global_state)
             losses, steps, rate = trainer(job)
-        update = {k: (p.detach().float().cpu() - global_state[k].float())
-                  for k, p in self._params.items()}
-        norm = global_l2_norm(update)
+        delta = {k: (p.detach().float().cpu() - global_state[k].float())
+                 for k, p in self._params.items()}
+        norm = global_l2_norm(delta)
         status = STATUS_OK
         C = self.cfg.privacy.clipping_norm
-        if not math.isfinite(norm) or not all(torch.isfinite(t).all() for t in update.values()):
-            status, update = STATUS_NONFINITE, None
+        update: dict[str, torch.Tensor] | None = None
+        if not math.isfinite(norm) or not all(torch.isfinite(t).all() for t in delta.values()):
+            status = STATUS_NONFINITE
         else:  # the mechanism's client-side transform (client: clip; local: clip + noise)
             update = self.mech.client_transform(
-                update, C, job.noise_multiplier,
+                delta, C, job.noise_multiplier,
                 self._noise_key(job) if self.mech.noise_stream is not None
                 and self.mech.noise_by == "client" else None)
         extras: dict[str, Any] = {}

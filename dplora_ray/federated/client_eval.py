@@ -72,6 +72,6 @@ def _generate(self: ClientWorker, prompts: Mapping[str, torch.Tensor]) -> list[n
         pad_token_id=self.data.pad_id, eos_token_id=eos)
     out = []
     for row in gen[:, ids.shape[1]:].cpu().numpy():
-        stop = np.flatnonzero(row == eos) if eos is not None else []
+        stop: Any = np.flatnonzero(row == eos) if eos is not None else []
         out.append(row[:stop[0]] if len(stop) else row)
     return out

@@ -139,7 +139,8 @@ def label_token_ids(tokenizer, label_words: Sequence[str]) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def encode_split(tokenizer, template: str, texts: Sequence[str], labels: Sequence[int],
+def encode_split(tokenizer, template: str, texts: Sequence[str],
+                 labels: Sequence[int] | np.ndarray,
                  max_length: int) -> EncodedSplit:
     """Classification: one prompt per example, at most ``max_length`` tokens."""
     return _pack(_prompts(tokenizer, template, texts, max_length), None, labels, 1)
@@ -158,7 +159,8 @@ def _prompts(tokenizer, template: str, texts: Sequence[str], budget: int) -> lis
     return [bos + head_ids + b[:room] + tail_ids for b in body]
 
 
-def _pack(seqs: list[list[int]], prompt_lens: list[int] | None, labels: Sequence[int],
+def _pack(seqs: list[list[int]], prompt_lens: list[int] | None,
+          labels: Sequence[int] | np.ndarray,
           choices: int) -> EncodedSplit:
     lens = np.array([len(s) for s in seqs], dtype=np.int64)
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
@@ -177,7 +179,7 @@ def encode_choices(tokenizer, template: str, texts: Sequence[str],
     each choice keeps at least one token."""
     prompts = _prompts(tokenizer, template, texts, max_length // 2)
     seqs, plens = [], []
-    flat_choices = []
+    flat_choices: list[str] = []
     for i, ch in enumerate(choices):
         ch = list(ch)
         if len(ch) != num_choices:

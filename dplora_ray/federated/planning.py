@@ -113,7 +113,7 @@ def encode_experiment(cfg: ExperimentConfig) -> tuple[EncodedData, Any, str, Any
                          f"tokenizer could not be loaded ({str(exc).splitlines()[0]})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    task = loaded.task
+    task: Any = loaded.task  # Task, MultipleChoiceTask or GenerationTask (by .kind)
     ml = cfg.model.max_length
     common = {"pad_id": int(tok.pad_token_id), "num_labels": task.num_labels,
               "task_type": task.kind, "eos_id": tok.eos_token_id}

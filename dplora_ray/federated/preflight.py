@@ -51,13 +51,13 @@ def run_preflight(self: ClientWorker) -> dict[str, Any]:
         if mech.local_training == "dpsgd":
             from dplora_ray.privacy.dpsgd import Float32ClipDPOptimizer
 
-            opt = Float32ClipDPOptimizer(
+            dp_opt = Float32ClipDPOptimizer(
                 torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0,
                 max_grad_norm=self.cfg.privacy.clipping_norm, expected_batch_size=bsz,
                 loss_reduction="mean",
                 generator=torch.Generator(device=self.device).manual_seed(
                     public_seed(self.cfg.seed, PublicStream.PREFLIGHT, 1)))
-            opt.zero_grad(set_to_none=True)
+            dp_opt.zero_grad(set_to_none=True)
             failure = None
             try:
                 (self._batch_loss(batch).mean() / self.choices).backward()
@@ -71,10 +71,10 @@ def run_preflight(self: ClientWorker) -> dict[str, Any]:
             if failure is not None:
                 problems.append(failure)
             if not problems:  # DPOptimizer raises on a missing per-sample gradient
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+                dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
         else:
-            opt = torch.optim.SGD(params, lr=0.1)
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=0.1)
             opt.zero_grad(set_to_none=True)
             self._batch_loss(batch).mean().backward()
             for k, p in self._params.items():

@@ -80,13 +80,17 @@ class RoundsMixin:
     stop_reason: str
     done_rounds: int
 
-    def _note(self, msg: str) -> None: ...
+    def _note(self, msg: str) -> None:
+        raise NotImplementedError
 
-    def evaluate(self, state_ref: Any) -> EvalResult: ...
+    def evaluate(self, state_ref: Any) -> EvalResult:
+        raise NotImplementedError
 
-    def checkpoint(self) -> None: ...
+    def checkpoint(self) -> None:
+        raise NotImplementedError
 
-    def write_results(self) -> None: ...
+    def write_results(self) -> None:
+        raise NotImplementedError
 
     def run_round(self, r: int, cohort: np.ndarray) -> bool:
         """Run round ``r``; False when the budget guard stops the run before it."""

@@ -116,7 +116,7 @@ class Mechanism:
         """The planned (sampling rate, steps) of each accounting unit."""
         return []
 
-    def ledger_entries(self, server_round: int, cohort: Sequence[int], z: float,
+    def ledger_entries(self, server_round: int, cohort: Sequence[int] | np.ndarray, z: float,
                        cfg: ExperimentConfig, parts: Sequence[np.ndarray]
                        ) -> list[LedgerEntry]:
         """What one round charges (every sampled client, whether or not it completes);
@@ -181,10 +181,10 @@ class _ExampleLevel(Mechanism):
                          cohorts: Sequence[np.ndarray]) -> list[tuple[float, int]]:
         fed = cfg.federation
         counts = _participations(fed.num_clients, cohorts)
-        return [(min(1.0, fed.batch_size / len(parts[c])), int(counts[c]) * fed.local_steps)
-                for c in np.flatnonzero(counts)]
+        return [(min(1.0, fed.batch_size / len(parts[int(c)])),
+                 int(counts[c]) * fed.local_steps) for c in np.flatnonzero(counts)]
 
-    def ledger_entries(self, server_round: int, cohort: Sequence[int], z: float,
+    def ledger_entries(self, server_round: int, cohort: Sequence[int] | np.ndarray, z: float,
                        cfg: ExperimentConfig, parts: Sequence[np.ndarray]
                        ) -> list[LedgerEntry]:
         fed = cfg.federation
@@ -265,7 +265,7 @@ class ClientLevel(Mechanism):
         fed = cfg.federation
         return [(fed.clients_per_round / fed.num_clients, fed.rounds)]
 
-    def ledger_entries(self, server_round: int, cohort: Sequence[int], z: float,
+    def ledger_entries(self, server_round: int, cohort: Sequence[int] | np.ndarray, z: float,
                        cfg: ExperimentConfig, parts: Sequence[np.ndarray]
                        ) -> list[LedgerEntry]:
         fed = cfg.federation
@@ -308,7 +308,7 @@ class LocalLevel(Mechanism):
         counts = _participations(cfg.federation.num_clients, cohorts)
         return [(1.0, int(counts[c])) for c in np.flatnonzero(counts)]
 
-    def ledger_entries(self, server_round: int, cohort: Sequence[int], z: float,
+    def ledger_entries(self, server_round: int, cohort: Sequence[int] | np.ndarray, z: float,
                        cfg: ExperimentConfig, parts: Sequence[np.ndarray]
                        ) -> list[LedgerEntry]:
         return [LedgerEntry(client_unit(int(c)), server_round, z, 1.0, 1) for c in cohort]
