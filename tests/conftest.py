@@ -7,6 +7,8 @@
 * One Ray instance for the whole session (:func:`ray_session`), started lazily by the
   first test that asks for it; the runner's ``ActorBackend`` reuses an initialised Ray,
   so tests that use the ``actors`` backend must request ``ray_session`` first.
+* Tests that read the real data sets in ``../shared/data`` use the :func:`shared_data`
+  fixture: without that folder they FAIL with a message saying so, never skip.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+#: the real data sets shipped beside the repository (see ../shared/data/README)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data``; the test fails loudly when it is missing."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"this test needs the real data sets in {SHARED_DATA} (the folder "
+                    "../shared/data beside the repository); it is missing", pytrace=False)
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

@@ -36,18 +36,14 @@ from dplora_ray.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"the offline data copies are not at {DATA}"
-)
+needs_data = pytest.mark.usefixtures("shared_data")  # fails (never skips) without it
 SENTIMENT = ("negative", "neutral", "positive")  # label order of fin_sentiment/sentiment3
 OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
 @pytest.fixture
-def data_dir(monkeypatch: pytest.MonkeyPatch) -> Path:
+def data_dir(monkeypatch: pytest.MonkeyPatch, shared_data: Path) -> Path:
     """``DPLORA_DATA_DIR`` pointing at the offline copies."""
-    if not DATA.is_dir():
-        pytest.skip(f"the offline data copies are not at {DATA}")
     monkeypatch.setenv("DPLORA_DATA_DIR", str(DATA))
     return DATA
 

@@ -116,7 +116,7 @@ def test_paper_sweep_files_validate(name: str, trials: int) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"no offline data at {DATA}")
+@pytest.mark.usefixtures("shared_data")  # fails (never skips) without ../shared/data
 @pytest.mark.parametrize("name", ["paper_finance", "paper_medical", "paper_general"])
 def test_paper_sweep_runs_on_the_tiny_model(
     name: str, ray_session: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -28,7 +28,7 @@ from dplora_ray.privacy.streams import NoiseKey
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 DATA = REPO.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no offline data at {DATA}")
+pytestmark = pytest.mark.usefixtures("shared_data")  # fails (never skips) without it
 
 PIQA = ["data.recipe=piqa", "data.task=multiple_choice", f"data.path={DATA / 'piqa'}",
         "data.max_train_examples=120", "data.test_size=40"]
