@@ -68,9 +68,9 @@ class _Steppers:
         self.idx = np.arange(TOKEN_BATCH)
         self.plain = ClientWorker(_cfg(model, "none"), data)
         self.hooks = ClientWorker(_cfg(model, "dpsgd"), data)  # GradSampleModule (hooks)
-        self.plain_opt = self.plain._optimizer(list(self.plain._params.values()))
+        self.plain_opt = self.plain.make_optimizer(list(self.plain.trainable_params.values()))
         self.hooks_opt = DPOptimizer(
-            self.hooks._optimizer(list(self.hooks._params.values())),
+            self.hooks.make_optimizer(list(self.hooks.trainable_params.values())),
             noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIPPING_NORM,
             expected_batch_size=TOKEN_BATCH, loss_reduction="mean",
             generator=torch.Generator().manual_seed(1))
@@ -89,11 +89,11 @@ class _Steppers:
         from torch.utils.data import DataLoader, TensorDataset
 
         engine = PrivacyEngine(accountant="rdp")
-        params = list(worker._params.values())
+        params = list(worker.trainable_params.values())
         loader = DataLoader(TensorDataset(torch.zeros(TOKEN_BATCH)), batch_size=TOKEN_BATCH)
         worker.model.train()  # Opacus' validator insists
         gsm, opt, criterion, _ = engine.make_private(
-            module=worker.model, optimizer=worker._optimizer(params),
+            module=worker.model, optimizer=worker.make_optimizer(params),
             criterion=torch.nn.CrossEntropyLoss(), data_loader=loader,
             noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIPPING_NORM,
             grad_sample_mode="ghost", poisson_sampling=False)
@@ -107,14 +107,14 @@ class _Steppers:
         w, opt = self.plain, self.plain_opt
         w.model.train()
         opt.zero_grad(set_to_none=True)
-        w._loss(self.idx).backward()
+        w.loss(self.idx).backward()
         opt.step()
 
     def step_hooks(self) -> None:
         w, opt = self.hooks, self.hooks_opt
         w.model.train()
         opt.zero_grad(set_to_none=True)
-        w._loss(self.idx).backward()
+        w.loss(self.idx).backward()
         opt.step()
 
     def step_ghost(self) -> None:
@@ -122,7 +122,7 @@ class _Steppers:
         w.model.train()
         opt.zero_grad(set_to_none=True)
         batch = self._batch()
-        self.ghost_loss(w._logits(batch), batch["labels"]).backward()
+        self.ghost_loss(w.label_logits(batch), batch["labels"]).backward()
         opt.step()
 
     # ------------------------------------------------------------------ check
@@ -131,25 +131,25 @@ class _Steppers:
         from opacus.optimizers import DPOptimizer
 
         init = self.plain.initial_state()
-        hooks_opt = DPOptimizer(torch.optim.SGD(list(self.hooks._params.values()), lr=0.0),
+        hooks_opt = DPOptimizer(torch.optim.SGD(list(self.hooks.trainable_params.values()), lr=0.0),
                                 noise_multiplier=0.0, max_grad_norm=CLIPPING_NORM,
                                 expected_batch_size=TOKEN_BATCH, loss_reduction="mean")
         grads = {}
         for name, w, opt in (("hooks", self.hooks, hooks_opt),
                              ("ghost", self.ghost, self.ghost_opt)):
-            w._load_global(init)
+            w.load_global(init)
             w.model.train()
             saved, opt.noise_multiplier = opt.noise_multiplier, 0.0
             try:
                 opt.zero_grad(set_to_none=True)
                 if name == "hooks":
-                    w._loss(self.idx).backward()
+                    w.loss(self.idx).backward()
                 else:
                     batch = self._batch()
-                    self.ghost_loss(w._logits(batch), batch["labels"]).backward()
+                    self.ghost_loss(w.label_logits(batch), batch["labels"]).backward()
                 opt.pre_step()  # clip, sum, (zero) noise, scale: p.grad is what a step uses
                 grads[name] = torch.cat([p.grad.detach().reshape(-1).clone()
-                                         for p in w._params.values()])
+                                         for p in w.trainable_params.values()])
             finally:
                 opt.zero_grad(set_to_none=True)
                 opt.noise_multiplier = saved

@@ -3,7 +3,7 @@
 Runs in the worker process (``RuntimeWorker.audit_scores`` calls :func:`score_chunks`):
 it loads the given LoRA state and returns, for each sequence, the log-softmax over the
 task's label words at the last prompt token, exactly the distribution the training loss
-(``ClientWorker._loss``) and the evaluation use. Each chunk is scored as one batch, so
+(``ClientWorker.loss``) and the evaluation use. Each chunk is scored as one batch, so
 the numbers do not depend on which worker scored which chunk.
 """
 
@@ -31,7 +31,7 @@ def score_chunks(worker: Any, state: Mapping[str, torch.Tensor],
             frozen base model, since B = 0).
         chunks: the sequences, each scored as one batch.
     """
-    worker._load_global(state)
+    worker.load_global(state)
     worker.model.eval()
     out = []
     for chunk in chunks:
@@ -39,6 +39,6 @@ def score_chunks(worker: Any, state: Mapping[str, torch.Tensor],
             out.append(np.zeros((0, len(worker.label_ids))))
             continue
         batch = chunk.batch(np.arange(len(chunk)), worker.data.pad_id)
-        logits = worker._logits(batch, train=False).float()
+        logits = worker.label_logits(batch, train=False).float()
         out.append(torch.log_softmax(logits, dim=-1).cpu().double().numpy())
     return out

@@ -1,12 +1,10 @@
 """Client worker: one frozen base model serving many virtual clients.
 
 A :class:`ClientWorker` loads the base model once and wraps it with one LoRA adapter.
-A virtual client is only its data partition (an index array), its public RNG stream (a
-seed derived from the run seed, the round and the client id: batches, dropout), in
-private modes the secret noise key of its (stream, round) (:mod:`dplora_ray.privacy.streams`)
-and its accounting; the worker swaps the global LoRA state in, trains locally, and returns the
-client's update. The same class runs inline (tests, small sweeps) or as a Ray actor
-(``ray.remote(ClientWorker)``); it imports no Ray.
+A virtual client is only its partition, its public RNG stream (batches, dropout), in
+private modes the secret noise key of its (stream, round) (:mod:`~dplora_ray.privacy.
+streams`) and its accounting; the worker swaps the global state in, trains, and returns
+the update. It runs inline or as a Ray actor; it imports no Ray.
 
 Local training (``privacy.mode``; the worker asks the mode's mechanism,
 :mod:`dplora_ray.privacy.mechanisms`, which trainer and which update transform to use):
@@ -35,9 +33,7 @@ Invariants: what leaves a worker is LoRA tensors (in the transfer dtype, already
 ``dpsgd``/``paper``/``local``) and scalar metrics; never text, token ids or labels.
 Randomness: batch sampling and dropout come from the job's public ``seed``; noise only
 from the job's ``noise_key`` (one generator per local step), never from the seed.
-
-Wire format: :mod:`dplora_ray.federated.wire`; the preflight:
-:mod:`dplora_ray.federated.preflight`.
+Wire format: :mod:`.wire`; preflight: :mod:`.preflight`; evaluation: :mod:`.client_eval`.
 """
 
 from __future__ import annotations
@@ -356,7 +352,6 @@ class ClientWorker:
         return min(1.0, self.cfg.federation.batch_size / len(job.indices))
 
     def _loss(self, idx: np.ndarray) -> torch.Tensor:
-        """Mean per-example loss of the training examples ``idx``."""
         return self._batch_loss(self.data.train.batch(idx, self.data.pad_id)).mean()
 
     def _train_plain(self, job: ClientJob) -> tuple[list[float], int, float]:
@@ -478,6 +473,28 @@ class ClientWorker:
         from dplora_ray.federated.client_eval import evaluate_detail
 
         return evaluate_detail(self, state, index, batch_size, generate)
+
+    # ----------------------------------------------------------------- public pieces
+    # what tools outside the training loop (the audit's scoring, the benchmarks) use:
+    # the trainable tensors (keyed like the adapter file), loading a global state, the
+    # label-word logits, the mean loss of training examples, the local optimizer
+    @property
+    def trainable_params(self) -> dict[str, torch.nn.Parameter]:
+        return self._params
+
+    def load_global(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._load_global(state)
+
+    def label_logits(self, batch: Mapping[str, torch.Tensor], train: bool = True
+                     ) -> torch.Tensor:
+        return self._logits(batch, train)
+
+    def loss(self, idx: np.ndarray) -> torch.Tensor:
+        """Mean per-example loss of the training examples ``idx``."""
+        return self._loss(idx)
+
+    def make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return self._optimizer(params)
 
     def ping(self) -> int:
         return self.worker_index

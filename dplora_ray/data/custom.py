@@ -1,0 +1,211 @@
+"""The ``custom`` recipe: a local CSV/TSV/JSON/JSONL/Parquet file or folder, or a
+Hugging Face hub id, with the columns mapped by ``data.text_column``,
+``data.label_column``, ``data.group_column`` and ``data.label_map``.
+
+:func:`load_custom` reads it with ``datasets`` (imported only here, on use) and returns
+the engine's ``text`` / ``label`` / ``group`` frame; a missing column, a missing value or a
+label outside the task raises :class:`~dplora_ray.errors.DataError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dplora_ray.config import DataConfig
+from dplora_ray.data.sources import (
+    FORMATS,
+    cache_dir,
+    hub_offline,
+    looks_like_hub_id,
+    pool_frame,
+)
+from dplora_ray.data.tasks import Task
+from dplora_ray.errors import DataError
+from dplora_ray.fileio import one_line
+
+__all__ = ["load_custom"]
+
+
+def _read_custom(cfg: DataConfig) -> pd.DataFrame:
+    import datasets  # heavy; only the custom recipe needs it
+
+    path = str(cfg.path)
+    p = Path(path).expanduser()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in FORMATS)
+        if not files:
+            raise DataError("data.path", path, f"the folder holds no {', '.join(FORMATS)} file")
+    elif looks_like_hub_id(path):
+        var = hub_offline()
+        if var is not None:
+            raise DataError(
+                "data.path",
+                path,
+                f"not a local file and the hub is offline ({var}=1); point "
+                "data.path at a local CSV/JSON/Parquet file",
+            )
+        try:
+            loaded = datasets.load_dataset(path, cache_dir=str(cache_dir(cfg) / "datasets"))
+        except Exception as exc:  # noqa: BLE001 - network, auth, format: all data errors
+            raise DataError(
+                "data.path",
+                path,
+                f"could not be loaded from the Hugging Face hub ({one_line(exc, limit=200)})",
+            ) from exc
+        return _to_pandas(loaded)
+    else:
+        raise DataError("data.path", path, "no such file or folder")
+
+    by_format: dict[str, list[Path]] = {}
+    for f in files:
+        suffix = f.suffix.lower()
+        if suffix not in FORMATS:
+            raise DataError(
+                "data.path", path, f"unsupported file type {suffix!r}; use {', '.join(FORMATS)}"
+            )
+        by_format.setdefault(suffix, []).append(f)
+    if all(f.stat().st_size == 0 for f in files):
+        raise DataError("data.path", path, "is empty (no rows)")
+    frames = []
+    for suffix, group in by_format.items():
+        builder, kwargs = FORMATS[suffix]
+        group = [f for f in group if f.stat().st_size > 0]
+        if not group:
+            continue
+        try:
+            loaded = datasets.load_dataset(
+                builder,
+                data_files=[str(f) for f in group],
+                cache_dir=str(cache_dir(cfg) / "datasets"),
+                **kwargs,
+            )
+        except Exception as exc:  # noqa: BLE001 - parser errors are data errors
+            if "corresponds to no data" in str(exc):  # datasets' words for "zero rows"
+                continue
+            raise DataError(
+                "data.path",
+                path,
+                f"could not be read as {suffix[1:].upper()} ({one_line(exc, limit=200)})",
+            ) from exc
+        frames.append(_to_pandas(loaded))
+    if not frames:
+        raise DataError("data.path", path, "is empty (no rows)")
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def _to_pandas(loaded: Any) -> pd.DataFrame:
+    """All splits of a ``datasets.DatasetDict`` (or one ``Dataset``) as one frame."""
+    splits = list(loaded.values()) if hasattr(loaded, "values") else [loaded]
+    frames = [split.to_pandas() for split in splits]
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def _first_missing(series: pd.Series) -> int | None:
+    missing = np.flatnonzero(series.isna().to_numpy())
+    return int(missing[0]) if len(missing) else None
+
+
+def _check_present(series: pd.Series, key: str, column: str) -> None:
+    row = _first_missing(series)
+    if row is not None:
+        count = int(series.isna().sum())
+        raise DataError(key, column, f"has {count} missing value(s), the first in row {row}")
+
+
+def _raw_key(value: Any) -> str:
+    """The string form of a raw label value, as written in ``data.label_map``."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _direct_label(value: Any, names: dict[str, int]) -> int | None:
+    """A raw label read as a task label name (any case) or an index; None if neither."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        return value if 0 <= value < len(names) else None
+    if isinstance(value, str):
+        return names.get(value.strip().lower())
+    return None
+
+
+def _map_labels(series: pd.Series, cfg: DataConfig, task: Task) -> np.ndarray:
+    column = cfg.label_column
+    names = {name.lower(): i for i, name in enumerate(task.label_names)}
+    listed = ", ".join(task.label_names)
+    _check_present(series, "data.label_column", column)
+    try:
+        uniques = list(pd.unique(series))
+    except TypeError:
+        raise DataError("data.label_column", column, "holds non-scalar values") from None
+    mapping: dict[Any, int] = {}
+    if cfg.label_map is not None:
+        lowered = {str(k).strip().lower(): v for k, v in cfg.label_map.items()}
+        for raw, name in cfg.label_map.items():
+            if str(name).strip().lower() not in names:
+                raise DataError(
+                    "data.label_map",
+                    cfg.label_map,
+                    f"maps {raw!r} to {name!r}, which is not a label of task "
+                    f"{task.name!r} ({listed})",
+                )
+        for value in uniques:
+            key = _raw_key(value)
+            name = cfg.label_map.get(key, lowered.get(key.lower()))
+            if name is None:
+                raise DataError(
+                    "data.label_map",
+                    cfg.label_map,
+                    f"has no entry for the value {key!r} of column {column!r}",
+                )
+            mapping[value] = names[str(name).strip().lower()]
+    else:
+        for value in uniques:
+            index = _direct_label(value, names)
+            if index is None:
+                raise DataError(
+                    "data.label_column",
+                    column,
+                    f"holds the value {_raw_key(value)!r}, which is neither a "
+                    f"label of task {task.name!r} ({listed}) nor an index "
+                    f"0..{task.num_labels - 1}; set data.label_map",
+                )
+            mapping[value] = index
+    return np.asarray([mapping[v] for v in series.tolist()], dtype=np.int64)
+
+
+def load_custom(cfg: DataConfig, task: Task) -> pd.DataFrame:
+    raw = _read_custom(cfg)
+    if len(raw) == 0:
+        raise DataError("data.path", cfg.path, "is empty (no rows)")
+    available = ", ".join(map(str, raw.columns))
+    columns = (
+        ("data.text_column", cfg.text_column),
+        ("data.label_column", cfg.label_column),
+        ("data.group_column", cfg.group_column),
+    )
+    for key, column in columns:
+        if column is not None and column not in raw.columns:
+            raise DataError(key, column, f"no such column; available columns: {available}")
+    _check_present(raw[cfg.text_column], "data.text_column", cfg.text_column)
+    labels = _map_labels(raw[cfg.label_column], cfg, task)
+    if cfg.group_column is not None:
+        _check_present(raw[cfg.group_column], "data.group_column", cfg.group_column)
+        groups: Iterable[Any] = raw[cfg.group_column].map(_raw_key).tolist()
+    else:
+        groups = [""] * len(raw)
+    return pool_frame(raw[cfg.text_column].tolist(), labels, groups)
