@@ -165,14 +165,14 @@ def _map_labels(series: pd.Series, cfg: DataConfig, task: Task) -> np.ndarray:
                 )
         for value in uniques:
             key = _raw_key(value)
-            name = cfg.label_map.get(key, lowered.get(key.lower()))
-            if name is None:
+            found: str | None = cfg.label_map.get(key, lowered.get(key.lower()))
+            if found is None:
                 raise DataError(
                     "data.label_map",
                     cfg.label_map,
                     f"has no entry for the value {key!r} of column {column!r}",
                 )
-            mapping[value] = names[str(name).strip().lower()]
+            mapping[value] = names[str(found).strip().lower()]
     else:
         for value in uniques:
             index = _direct_label(value, names)

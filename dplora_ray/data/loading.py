@@ -73,7 +73,7 @@ from dplora_ray.data.custom import load_custom
 from dplora_ray.data.recipes import PAPER_RECIPES, load_examples
 from dplora_ray.data.sources import SPLIT_TEST, SPLIT_TRAIN, cache_dir, pool_frame
 from dplora_ray.data.splits import official_split, random_split, take
-from dplora_ray.data.tasks import CLASSIFICATION, AnyTask, Task, get_task
+from dplora_ray.data.tasks import CLASSIFICATION, AnyTask, get_task
 from dplora_ray.data.vader import (
     VADER_COLUMNS,
     VADER_NEGATIVE_MAX,
@@ -153,7 +153,7 @@ class LoadedData:
         test: global test split, disjoint from ``train``.
     """
 
-    task: Task
+    task: AnyTask
     train: pd.DataFrame
     test: pd.DataFrame
 
@@ -192,7 +192,7 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
 # --------------------------------------------------------------------------- synthetic
 
 
-def _load_synthetic(cfg: DataConfig, task: Task) -> pd.DataFrame:
+def _load_synthetic(cfg: DataConfig, task: AnyTask) -> pd.DataFrame:
     """A fixed generated corpus of ``test_size + (max_train_examples or 2000)`` short
     reviews. Labels cycle through negative/neutral/positive (then shuffled), so every
     label has a third of the examples; a review uses two words of its label's
@@ -228,7 +228,7 @@ def _load_synthetic(cfg: DataConfig, task: Task) -> pd.DataFrame:
 # --------------------------------------------------------------------------- vader
 
 
-def _load_vader(cfg: DataConfig, task: Task) -> pd.DataFrame:
+def _load_vader(cfg: DataConfig, task: AnyTask) -> pd.DataFrame:
     if task.name != "sentiment3":
         raise DataError(
             "data.task",
@@ -319,7 +319,7 @@ def _download_vader() -> pd.DataFrame:
 # --------------------------------------------------------------------------- paper
 
 
-def _load_paper(cfg: DataConfig, task: Task) -> pd.DataFrame:
+def _load_paper(cfg: DataConfig, task: AnyTask) -> pd.DataFrame:
     """A paper classification recipe (:mod:`dplora_ray.data.recipes`): label names become
     indices into ``task.label_names``; the ``split`` column is kept for the test split."""
     frame = load_examples(cfg)
@@ -355,7 +355,7 @@ def _load_medquad(cfg: DataConfig, task: AnyTask) -> pd.DataFrame:
     return out
 
 
-RECIPES: dict[str, Callable[[DataConfig, Task], pd.DataFrame]] = {
+RECIPES: dict[str, Callable[..., pd.DataFrame]] = {  # (DataConfig, task) -> pool
     "custom": load_custom,
     "fpb": _load_paper,
     "medquad": _load_medquad,

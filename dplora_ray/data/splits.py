@@ -16,7 +16,7 @@ import pandas as pd
 
 from dplora_ray.config import DataConfig
 from dplora_ray.data.sources import SPLIT_TEST, SPLIT_TRAIN
-from dplora_ray.data.tasks import Task
+from dplora_ray.data.tasks import AnyTask
 from dplora_ray.errors import DataError
 
 __all__ = ["EXTRA_COLUMNS", "official_split", "random_split", "take"]
@@ -33,7 +33,7 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
 def _balanced_draw(
     labels: np.ndarray,
     candidates: np.ndarray,
-    task: Task,
+    task: AnyTask,
     cfg: DataConfig,
     rng: np.random.Generator,
     where: str,
@@ -69,7 +69,7 @@ def _cap(train: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarray:
 
 
 def official_split(
-    pool: pd.DataFrame, task: Task, cfg: DataConfig, seed: int
+    pool: pd.DataFrame, task: AnyTask, cfg: DataConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Test examples from the data set's own test split only (see the module doc)."""
     split = pool["split"].to_numpy()
@@ -92,7 +92,7 @@ def official_split(
 
 
 def random_split(
-    labels: np.ndarray, task: Task, cfg: DataConfig, seed: int
+    labels: np.ndarray, task: AnyTask, cfg: DataConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     n = len(labels)
     rng = _rng(seed, "test_split")

@@ -141,10 +141,10 @@ def vader_from_path(path: str) -> pd.DataFrame:
     if p.is_dir():
         for folder in (p, p / _VADER_FOLDER):
             if all((folder / f"{stem}_GroundTruth.txt").is_file() for stem in _VADER_SOURCES):
-                return _vader_table(
-                    lambda stem, folder=folder: (folder / f"{stem}_GroundTruth.txt").read_bytes(),
-                    where,
-                )
+                def read(stem: str, folder: Path = folder) -> bytes:
+                    return (folder / f"{stem}_GroundTruth.txt").read_bytes()
+
+                return _vader_table(read, where)
         raise DataError(
             *where, "holds no VADER *_GroundTruth.txt files (expected the hutto_ICWSM_2014 folder)"
         )
