@@ -27,10 +27,12 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check dplora_ray analysis benchmarks tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra --timeout 900
 
 lint: setup
 	$(VENV)/bin/ruff check dplora_ray analysis benchmarks tests
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf runs .pytest_cache

@@ -11,7 +11,6 @@ constructor arguments in ``args``.
 from __future__ import annotations
 
 __all__ = [
-    "BudgetExceededError",
     "ConfigError",
     "DataError",
     "DpLoraError",
@@ -71,10 +70,6 @@ class PrivacyError(DpLoraError):
 
 class PreflightError(PrivacyError):
     """The private-training preflight found a LoRA tensor that would not be protected."""
-
-
-class BudgetExceededError(PrivacyError):
-    """A step would push epsilon past ``privacy.max_epsilon``."""
 
 
 class RunFailedError(DpLoraError):
