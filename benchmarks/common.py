@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -99,29 +97,23 @@ def machine_info() -> dict[str, Any]:
 def private_ray(num_cpus: int | None = None) -> Iterator[Any]:
     """A local Ray instance owned by this process (reused if already initialised)."""
     set_default_env()
-    import ray
+    from dplora_ray.ray_runtime import start_ray
 
-    if ray.is_initialized():
-        yield ray
-        return
-    temp_dir = tempfile.mkdtemp(prefix="/tmp/rb")  # short: Ray's socket paths are limited
-    ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 1),
-             include_dashboard=False, object_store_memory=512 * 1024 * 1024,
-             logging_level="WARNING", _temp_dir=temp_dir)
+    # address="local" (fresh): never somebody else's cluster; a short temp dir: Ray's
+    # socket paths are limited
+    session = start_ray(fresh=True, num_cpus=num_cpus, min_cpus=2, temp_prefix="/tmp/rb")
     try:
-        yield ray
+        yield session.ray
     finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        session.shutdown()  # only what this call started
 
 
 def actor_options(cfg: Any) -> dict[str, Any]:
     """Ray options for a client worker, as the runner's ActorBackend sets them."""
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME",
-                                      "DPLORA_RAY_CACHE", "TRANSFORMERS_VERBOSITY")
-           if k in os.environ}
+    from dplora_ray.ray_runtime import worker_runtime_env
+
     return {"num_cpus": cfg.runtime.cpus_per_worker, "num_gpus": cfg.runtime.gpus_per_worker,
-            "runtime_env": {"env_vars": env} if env else None}
+            "runtime_env": worker_runtime_env()}
 
 
 def tiny_config(overrides: Mapping[str, Any] | None = None) -> Any:

@@ -41,9 +41,6 @@ from dplora_ray.federated.encoding import EncodedData
 
 __all__ = ["ActorBackend", "InlineBackend", "RuntimeWorker", "WorkerLost", "make_backend"]
 
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "DPLORA_RAY_CACHE",
-                  "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TRANSFORMERS_VERBOSITY")
-
 
 class WorkerLost(Exception):
     """The worker doing a call died (or was restarting) before the call returned.
@@ -245,29 +242,16 @@ class ActorBackend:
     name = "actors"
 
     def __init__(self, cfg: ExperimentConfig, data: EncodedData) -> None:
-        import ray
+        from dplora_ray.ray_runtime import WORKER_ENV_DEFAULTS, start_ray, worker_runtime_env
 
-        self.ray = ray
-        self.started_ray = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
-                                      "configure_logging": True}
-            if cfg.runtime.address:
-                ray.init(address=cfg.runtime.address, **kwargs)
-            else:
-                # an embedded single-user instance needs no token (Ray 2.60 would
-                # otherwise write ~/.ray/auth_token)
-                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-                need = cfg.runtime.num_workers * cfg.runtime.cpus_per_worker
-                ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-                         object_store_memory=512 * 1024 * 1024, **kwargs)
-            self.started_ray = True
-        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        session = start_ray(cfg.runtime.address or None,
+                            min_cpus=cfg.runtime.num_workers * cfg.runtime.cpus_per_worker)
+        ray = self.ray = session.ray
+        self.started_ray = session.started
         remote = ray.remote(RuntimeWorker).options(
             num_cpus=cfg.runtime.cpus_per_worker, num_gpus=cfg.runtime.gpus_per_worker,
             max_restarts=cfg.runtime.max_worker_restarts, max_task_retries=0,
-            runtime_env={"env_vars": env} if env else None)
+            runtime_env=worker_runtime_env(WORKER_ENV_DEFAULTS))
         self._data_ref = ray.put(data)
         cfg_dict = config_to_dict(cfg)
         self.aggregator: Any = None
