@@ -38,6 +38,7 @@ from analysis.tables import (
 )
 from dplora_ray import results as R
 from dplora_ray import tune as S
+from dplora_ray.fileio import write_text_atomic
 
 __all__ = ["REPORT_FILE", "Report", "write_report"]
 
@@ -350,9 +351,7 @@ def write_report(
         lines += _run_body(res, plots, root, comm)
     root.mkdir(parents=True, exist_ok=True)
     report = root / REPORT_FILE
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(report)
+    write_text_atomic(report, "\n".join(lines) + "\n")
     return Report(
         path=report, plots=[p for p in plots.values() if p is not None], results=res, tables=tables
     )

@@ -17,6 +17,7 @@ import yaml
 from dplora_ray import tune as S
 from dplora_ray.cli import main
 from dplora_ray.errors import ConfigError
+from dplora_ray.federated.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -145,3 +146,11 @@ def test_paper_sweep_runs_on_the_tiny_model(
             assert 0.0 <= rec[S.EVAL_ACCURACY] <= 1.0
     if name == "paper_medical":
         assert set(df["data.recipe"]) == {"pubmedqa", "medquad"}
+    # every private trial drew its own secret noise key (issue 12): no two adapters of the
+    # sweep share a noise stream
+    keys = [load_checkpoint(Path(d))["noise_key"] for d in df[S.TRIAL_DIR]]
+    private = [k for k in keys if k is not None]
+    assert len(private) == int((~df["privacy.target_epsilon"].map(math.isinf)).sum()) >= 2
+    assert not any(k["reproducible"] for k in private)
+    assert len({k["secret"] for k in private}) == len(private)
+    assert not df["noise_reproducible"].fillna(False).any()

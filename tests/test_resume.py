@@ -105,7 +105,8 @@ def test_checkpoint_holds_what_a_resume_needs(reference: Path) -> None:
     assert ck["ledger"]["entries"] == saved["entries"]
     assert len(ck["rounds"]) == ROUNDS
     assert len(ck["clients"]) == len(pd.read_parquet(reference / "clients.parquet"))
-    assert len(ck["eval_before"]) == 3
+    assert set(ck["eval_before"]) == {"loss", "accuracy", "f1_macro", "f1_weighted",
+                                      "perplexity", "rouge_l"}  # an EvalResult
     assert not list(reference.glob(".*.tmp"))
 
 

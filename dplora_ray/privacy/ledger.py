@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -222,18 +221,10 @@ class PrivacyLedger:
         return ledger
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the ledger as JSON, atomically (a temporary file, then a rename)."""
-        target = Path(path)
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                   dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the ledger as JSON, whole or not at all (:mod:`dplora_ray.fileio`)."""
+        from dplora_ray.fileio import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
