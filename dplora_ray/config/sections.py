@@ -166,6 +166,13 @@ class FederationConfig:
             num_clients), or ``auto`` (``poisson`` in privacy mode ``client``, whose
             accounting assumes it, ``fixed`` otherwise).
         server_learning_rate: server step on the aggregated update.
+        server_optimizer: how the server applies the aggregated (already noised) update
+            (Reddi et al. 2021, "Adaptive Federated Optimization", Alg. 2): ``fedavg``
+            (a plain step), ``fedavgm`` (momentum ``server_momentum``), ``fedadam`` /
+            ``fedyogi`` (first and second moments with ``server_beta1``,
+            ``server_beta2`` and adaptivity ``server_tau``). Post-processing of what
+            was released: it costs no privacy. Its state is in the checkpoint.
+        server_momentum / server_beta1 / server_beta2 / server_tau: see above.
         eval_every: evaluate the global adapter every this many rounds (the last round
             is always evaluated).
         transfer_dtype: dtype of the LoRA tensors sent (noise is added before the cast).
@@ -193,6 +200,11 @@ class FederationConfig:
     dirichlet_alpha: float = 0.5
     cohort_sampling: Literal["auto", "fixed", "poisson"] = "auto"
     server_learning_rate: float = 1.0
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
     eval_every: int = 1
     transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     compression: Literal["none", "ternary", "cmfl"] = "none"
@@ -214,6 +226,12 @@ class FederationConfig:
                self.server_learning_rate, "must be > 0")
         _check(0.0 <= self.cmfl_threshold <= 1.0, "federation.cmfl_threshold",
                self.cmfl_threshold, "must be in [0, 1]")
+        for key in ("server_momentum", "server_beta1", "server_beta2"):
+            value = getattr(self, key)
+            _check(math.isfinite(value) and 0.0 <= value < 1.0, f"federation.{key}", value,
+                   "must be in [0, 1)")
+        _check(math.isfinite(self.server_tau) and self.server_tau > 0,
+               "federation.server_tau", self.server_tau, "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ Updates in the T-FedAvg ternary wire format (``federation.compression=ternary``)
 dequantised first. The last applied global update (``server_learning_rate *
 aggregate``) is kept for CMFL's relevance check (:meth:`Aggregator.get_last_update`).
 
-The new global state is ``state + server_learning_rate * aggregate``. Updates arrive and
+The new global state is the server optimizer's step on the aggregate
+(:mod:`dplora_ray.federated.server_opt`; FedAvg: ``state + server_learning_rate *
+aggregate``). Updates arrive and
 are summed in client-id order, so the result does not depend on which worker finished
 first. Noise comes from the server's secret noise key (the run key derived for
 ``NoiseStream.SERVER``), one generator per round: never from the public seed, never
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from dplora_ray.federated.compression import is_ternary_payload, ternary_decode
+from dplora_ray.federated.server_opt import ServerOptimizer
 from dplora_ray.privacy.mechanisms import get_mechanism
 from dplora_ray.privacy.noise import clip_by_global_norm
 from dplora_ray.privacy.streams import NoiseKey
@@ -107,11 +110,16 @@ class Aggregator:
             the server; one generator per round is derived from it).
         keep_last_update: keep the last applied update for :meth:`get_last_update`
             (``federation.compression=cmfl``; off otherwise, so checkpoints stay small).
+        server_optimizer: ``federation.server_optimizer``, applied to the aggregate
+            (:mod:`dplora_ray.federated.server_opt`); ``server_options`` are its
+            ``momentum``, ``beta1``, ``beta2`` and ``tau``.
     """
 
     def __init__(self, initial: Mapping[str, torch.Tensor], mode: str,
                  server_learning_rate: float, clipping_norm: float,
-                 noise_key: NoiseKey | None = None, keep_last_update: bool = False) -> None:
+                 noise_key: NoiseKey | None = None, keep_last_update: bool = False,
+                 server_optimizer: str = "fedavg",
+                 server_options: Mapping[str, float] | None = None) -> None:
         self.state: State = {k: v.float().clone() for k, v in sorted(initial.items())}
         self.mode = mode
         self.strategy = strategy_for_mode(mode)
@@ -120,6 +128,8 @@ class Aggregator:
         self.noise_key = noise_key
         self.keep_last_update = keep_last_update
         self.last_update: State | None = None
+        self.optimizer = ServerOptimizer(server_optimizer, server_learning_rate,
+                                         **dict(server_options or {}))
 
     def get_state(self) -> State:
         return self.state
@@ -174,8 +184,7 @@ class Aggregator:
         else:
             agg = unweighted_mean(list(updates))
         if agg is not None:
-            delta = {k: self.server_lr * agg[k] for k in self.state}
-            self.state = {k: v + delta[k] for k, v in self.state.items()}
+            self.state, delta = self.optimizer.step(self.state, agg)
             if self.keep_last_update:
                 self.last_update = delta
         return len(updates)
@@ -183,15 +192,13 @@ class Aggregator:
     def checkpoint(self) -> dict[str, Any]:
         """What a resumed run needs: the global state and the server optimizer's state.
 
-        The server optimizer is FedAvg with a server learning rate: it has no state of
-        its own (the dict is there so that a stateful optimizer has a place to put it).
+        The server optimizer's state is its moments (none for FedAvg).
         The noise generator is a function of (noise key, round), so it needs no state; the
         key itself is kept by the runner (only in ``checkpoint.pt``).
         The last applied update (CMFL's reference) is saved when there is one.
         """
         out = {"global_state": {k: v.clone() for k, v in self.state.items()},
-                "server_optimizer": {"name": "fedavg", "strategy": self.strategy,
-                                     "server_learning_rate": self.server_lr, "state": {}}}
+                "server_optimizer": {**self.optimizer.state_dict(), "strategy": self.strategy}}
         if self.last_update is not None:
             out["last_update"] = {k: v.clone() for k, v in self.last_update.items()}
         return out
@@ -206,6 +213,7 @@ class Aggregator:
                 raise ValueError(f"checkpoint tensor {k}: shape {tuple(v.shape)} != "
                                  f"{tuple(self.state[k].shape)}")
         self.set_state(state)
+        self.optimizer.load_state_dict(checkpoint["server_optimizer"])
         last = checkpoint.get("last_update")
         self.last_update = ({k: v.float().clone() for k, v in last.items()}
                             if last is not None else None)

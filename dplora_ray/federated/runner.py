@@ -269,7 +269,11 @@ class _Run(RoundsMixin):
             noise_key=(key.derive(mech.noise_stream) if key is not None
                        and mech.noise_stream is not None and mech.noise_by == "server"
                        else None),
-            keep_last_update=self.fed.compression == "cmfl")
+            keep_last_update=self.fed.compression == "cmfl",
+            server_optimizer=self.fed.server_optimizer,
+            server_options={"momentum": self.fed.server_momentum,
+                            "beta1": self.fed.server_beta1, "beta2": self.fed.server_beta2,
+                            "tau": self.fed.server_tau})
         from dplora_ray.federated.client import TRANSFER_DTYPES
 
         tdtype = TRANSFER_DTYPES[self.fed.transfer_dtype]
