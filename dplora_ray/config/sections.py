@@ -337,6 +337,11 @@ class RuntimeConfig:
             clients whose result is not back in time are dropped (and charged).
         max_worker_restarts: times Ray restarts a dead worker actor; also the number of
             times one client's lost work is re-run in a round under ``retry``.
+        max_physical_batch_size: split every sampled (logical) batch into micro-batches
+            of at most this many examples, with gradient accumulation (DP-SGD: clipping
+            per micro-batch, noise once per logical step): memory is bounded by it, the
+            result and the accounting are those of the logical batch
+            (``federation.batch_size``). None: one pass per batch.
         kill_worker_at_round: fault injection: worker 0 kills its own process
             (``os._exit(1)``) when it starts its work of this round, on the first
             attempt only (the ``inline`` backend simulates the loss). None: off.
@@ -353,6 +358,7 @@ class RuntimeConfig:
     round_timeout_s: float | None = None
     max_worker_restarts: int = 3
     kill_worker_at_round: int | None = None
+    max_physical_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("runtime.num_workers", self.num_workers)
@@ -370,6 +376,8 @@ class RuntimeConfig:
                "must be >= 0")
         if self.torch_threads is not None:
             _positive_int("runtime.torch_threads", self.torch_threads)
+        if self.max_physical_batch_size is not None:
+            _positive_int("runtime.max_physical_batch_size", self.max_physical_batch_size)
 
     @property
     def threads(self) -> int:

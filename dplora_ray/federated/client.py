@@ -52,6 +52,7 @@ from dplora_ray.config import ExperimentConfig, config_from_dict
 from dplora_ray.errors import PrivacyError
 from dplora_ray.federated.compression import cmfl_should_upload, ternary_encode
 from dplora_ray.federated.encoding import EncodedData
+from dplora_ray.federated.local_training import LocalTraining
 from dplora_ray.federated.wire import TRANSFER_DTYPES, PackedUpdate, tensor_bytes
 from dplora_ray.models import (
     build_lora_model,
@@ -63,9 +64,6 @@ from dplora_ray.models import (
 )
 from dplora_ray.privacy.mechanisms import get_mechanism
 from dplora_ray.privacy.noise import (
-    NonFiniteUpdateError,
-    add_gaussian_noise,
-    clip_by_global_norm,
     global_l2_norm,
 )
 from dplora_ray.privacy.streams import NoiseKey
@@ -107,7 +105,7 @@ class ClientResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-class ClientWorker:
+class ClientWorker(LocalTraining):
     """Holds the frozen base model once and trains virtual clients on it.
 
     Args:
@@ -336,117 +334,8 @@ class ClientWorker:
             seconds=time.perf_counter() - start, steps=steps, sampling_rate=rate,
             extras=extras)
 
-    def _fixed_batches(self, job: ClientJob, rng: np.random.Generator):
-        B = self.cfg.federation.batch_size
-        n = len(job.indices)
-        for _ in range(self.cfg.federation.local_steps):
-            pick = rng.choice(n, size=min(B, n), replace=False)
-            yield job.indices[np.sort(pick)]
-
-    def _poisson_batches(self, job: ClientJob, rng: np.random.Generator, rate: float):
-        n = len(job.indices)
-        for _ in range(self.cfg.federation.local_steps):
-            yield job.indices[rng.random(n) < rate]
-
-    def _poisson_rate(self, job: ClientJob) -> float:
-        return min(1.0, self.cfg.federation.batch_size / len(job.indices))
-
     def _loss(self, idx: np.ndarray) -> torch.Tensor:
         return self._batch_loss(self.data.train.batch(idx, self.data.pad_id)).mean()
-
-    def _train_plain(self, job: ClientJob) -> tuple[list[float], int, float]:
-        rng = np.random.default_rng(job.seed)
-        params = list(self._params.values())
-        opt = self._optimizer(params)
-        self.model.train()
-        losses = []
-        for idx in self._fixed_batches(job, rng):
-            opt.zero_grad(set_to_none=True)
-            loss = self._loss(idx)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        self.model.eval()
-        n = len(job.indices)
-        return losses, self.cfg.federation.local_steps, min(1.0, self.cfg.federation.batch_size / n)
-
-    def _train_dpsgd(self, job: ClientJob) -> tuple[list[float], int, float]:
-        from dplora_ray.privacy.dpsgd import Float32ClipDPOptimizer
-
-        rng = np.random.default_rng(job.seed)
-        key = self._noise_key(job)
-        rate = self._poisson_rate(job)
-        params = list(self._params.values())
-        opt = Float32ClipDPOptimizer(
-            self._optimizer(params), noise_multiplier=job.noise_multiplier,
-            max_grad_norm=self.cfg.privacy.clipping_norm,
-            expected_batch_size=self.cfg.federation.batch_size, loss_reduction="mean")
-        self.model.train()
-        losses = []
-        try:
-            for step, idx in enumerate(self._poisson_batches(job, rng, rate)):
-                opt.generator = key.generator(step, device=self.device)  # one stream per step
-                opt.zero_grad(set_to_none=True)
-                if len(idx) == 0:
-                    # Empty Poisson batch: a Llama forward on zero rows breaks Opacus'
-                    # hooks, so give every parameter an empty per-sample gradient; the
-                    # optimizer then takes a noise-only step (still accounted).
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device,
-                                                    dtype=torch.float32)
-                else:
-                    loss = self._loss(idx)
-                    # Opacus ("mean") scales each row's gradient by the number of rows;
-                    # with `choices` rows per example, dividing by `choices` and summing
-                    # an example's rows gives its per-example gradient
-                    (loss / self.choices).backward()
-                    self._fold_grad_samples()
-                    losses.append(float(loss.detach()))
-                opt.step()
-        finally:
-            opt.zero_grad(set_to_none=True)
-            self.model.eval()
-        return losses, self.cfg.federation.local_steps, rate
-
-    def _train_paper(self, job: ClientJob) -> tuple[list[float], int, float]:
-        rng = np.random.default_rng(job.seed)
-        key = self._noise_key(job)
-        rate = self._poisson_rate(job)
-        C = self.cfg.privacy.clipping_norm
-        std = job.noise_multiplier * C
-        opt = self._optimizer(list(self._params.values()))
-        self.model.train()
-        losses = []
-        for step, idx in enumerate(self._poisson_batches(job, rng, rate)):
-            opt.zero_grad(set_to_none=True)
-            if len(idx) > 0:
-                loss = self._loss(idx)
-                loss.backward()
-                losses.append(float(loss.detach()))
-            self._paper_noise_inplace(C, std, key.generator(step))
-            opt.step()
-        self.model.eval()
-        return losses, self.cfg.federation.local_steps, rate
-
-    def _paper_noise_inplace(self, clipping_norm: float, std: float,
-                             gen: torch.Generator) -> None:
-        """DP-LoRA Alg. 1: clip the batch-mean gradient of the A factors and that of the
-        B factors each to C (in float32), add N(0, std^2) to each; a missing gradient
-        counts as 0. Every trainable tensor is in one of the two groups
-        (:meth:`paper_groups`), so none trains without clipping and noise."""
-        for group in self.paper_groups():
-            if not group:
-                continue
-            grads = {k: (self._params[k].grad.float() if self._params[k].grad is not None
-                         else torch.zeros_like(self._params[k], dtype=torch.float32))
-                     for k in group}
-            try:
-                clipped, _ = clip_by_global_norm(grads, clipping_norm)
-            except NonFiniteUpdateError:
-                continue  # the parameters go non-finite and the update is rejected
-            noised = add_gaussian_noise(clipped, std, gen)
-            for k in group:
-                self._params[k].grad = noised[k]
 
     # ----------------------------------------------------------------- preflight
     def preflight(self) -> dict[str, Any]:
