@@ -46,7 +46,7 @@ class LocalTraining:
     cfg: Any
     model: Any
     choices: int
-    _params: dict[str, torch.nn.Parameter]
+    _params: dict[str, Any]  # name -> trainable Parameter (with Opacus' grad_sample)
 
     def _loss(self, idx: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
