@@ -116,3 +116,16 @@ def test_fedadam_run_resumes_to_the_uninterrupted_result(tmp_path: Path, mode: s
     # Assert: the same adapter bytes; and the server optimizer moved the adapter
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (ref, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_client_sgd_with_momentum_trains_and_differs_from_plain_sgd(tmp_path: Path) -> None:
+    common = ["privacy.mode=dpsgd", "runtime.backend=inline", "federation.rounds=1",
+              "privacy.noise_seed=2", "federation.learning_rate=0.05"]
+    out = {}
+    for opt in ("sgd", "sgdm"):
+        run_experiment(load_config(TINY, [*common, f"federation.optimizer={opt}"]),
+                       tmp_path / opt, progress=False, log=lambda m: None)
+        out[opt] = load_file(tmp_path / opt / "adapter" / "adapter_model.safetensors")
+    assert not all(torch.equal(out["sgd"][k], out["sgdm"][k]) for k in out["sgd"])
+    with pytest.raises(ConfigError, match="federation.client_momentum"):
+        load_config(TINY, ["federation.client_momentum=1.5"])

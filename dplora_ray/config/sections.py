@@ -158,7 +158,10 @@ class FederationConfig:
         local_steps: optimizer steps per client per round.
         batch_size: local batch size (expected size under Poisson batch sampling).
         learning_rate: local learning rate.
-        optimizer: local optimizer (state reset every round: clients are stateless).
+        optimizer: local optimizer: ``sgd``, ``sgdm`` (SGD with momentum
+            ``client_momentum``) or ``adamw`` (state reset every round: clients are
+            stateless; with DP-SGD it steps on the noised gradient: post-processing).
+        client_momentum: the momentum of ``sgdm``, in [0, 1).
         partition: ``iid``, ``dirichlet`` (label skew, ``dirichlet_alpha``) or
             ``natural`` (one client per value of ``data.group_column`` groups).
         cohort_sampling: ``fixed`` (``clients_per_round`` uniformly without replacement),
@@ -195,7 +198,8 @@ class FederationConfig:
     local_steps: int = 2
     batch_size: int = 8
     learning_rate: float = 2e-3
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    optimizer: Literal["sgd", "sgdm", "adamw"] = "adamw"
+    client_momentum: float = 0.9
     partition: Literal["iid", "dirichlet", "natural"] = "iid"
     dirichlet_alpha: float = 0.5
     cohort_sampling: Literal["auto", "fixed", "poisson"] = "auto"
@@ -226,7 +230,7 @@ class FederationConfig:
                self.server_learning_rate, "must be > 0")
         _check(0.0 <= self.cmfl_threshold <= 1.0, "federation.cmfl_threshold",
                self.cmfl_threshold, "must be in [0, 1]")
-        for key in ("server_momentum", "server_beta1", "server_beta2"):
+        for key in ("client_momentum", "server_momentum", "server_beta1", "server_beta2"):
             value = getattr(self, key)
             _check(math.isfinite(value) and 0.0 <= value < 1.0, f"federation.{key}", value,
                    "must be in [0, 1)")

@@ -274,6 +274,8 @@ class ClientWorker(LocalTraining):
         lr = self.cfg.federation.learning_rate
         if self.cfg.federation.optimizer == "sgd":
             return torch.optim.SGD(params, lr=lr)
+        if self.cfg.federation.optimizer == "sgdm":
+            return torch.optim.SGD(params, lr=lr, momentum=self.cfg.federation.client_momentum)
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     # ----------------------------------------------------------------- training
