@@ -14,4 +14,7 @@ run batch32 federation.batch_size=32 federation.local_steps=2 runtime.max_physic
 run clip01 privacy.clipping_norm=0.1
 run fedavgm federation.server_optimizer=fedavgm federation.server_momentum=0.5
 run ffa_batch32 lora.train_a=false federation.batch_size=32 federation.local_steps=2 runtime.max_physical_batch_size=16
+run ffa_fedadam lora.train_a=false federation.server_optimizer=fedadam federation.server_learning_rate=0.001
+run ffa_lr5e-3 lora.train_a=false federation.learning_rate=0.005
+run ffa_all8_4steps lora.train_a=false federation.clients_per_round=8 federation.local_steps=4
 echo done >> $OUT/results.txt
