@@ -17,4 +17,6 @@ run ffa_batch32 lora.train_a=false federation.batch_size=32 federation.local_ste
 run ffa_fedadam lora.train_a=false federation.server_optimizer=fedadam federation.server_learning_rate=0.001
 run ffa_lr5e-3 lora.train_a=false federation.learning_rate=0.005
 run ffa_all8_4steps lora.train_a=false federation.clients_per_round=8 federation.local_steps=4
+run ffa_lr1e-2 lora.train_a=false federation.learning_rate=0.01
+run ffa_lr5e-3_nodp lora.train_a=false federation.learning_rate=0.005 privacy.mode=none
 echo done >> $OUT/results.txt
