@@ -306,10 +306,8 @@ class ClientWorker(LocalTraining):
         if not math.isfinite(norm) or not all(torch.isfinite(t).all() for t in delta.values()):
             status = STATUS_NONFINITE
         else:  # the mechanism's client-side transform (client: clip; local: clip + noise)
-            update = self.mech.client_transform(
-                delta, C, job.noise_multiplier,
-                self._noise_key(job) if self.mech.noise_stream is not None
-                and self.mech.noise_by == "client" else None)
+            update = self.mech.client_transform(delta, C, job.noise_multiplier,
+                                                job.noise_key)
         extras: dict[str, Any] = {}
         compression = self.cfg.federation.compression
         if update is not None and compression == "cmfl":

@@ -108,16 +108,11 @@ class RoundsMixin:
         # CMFL's reference: the last applied global update (None otherwise)
         self.last_update_ref = (backend.submit(self.aggregator, "get_last_update")
                                 if fed.compression == "cmfl" else None)
-        mech, key = pp.mechanism, self.noise_key
-        client_noise = key is not None and mech.noise_stream is not None \
-            and mech.noise_by == "client"
         jobs = {int(cid): ClientJob(
                     client_id=int(cid), indices=self.plan.parts[int(cid)],
                     seed=public_seed(cfg.seed, PublicStream.CLIENT, r, int(cid)),
                     noise_multiplier=pp.noise_multiplier,
-                    noise_key=(key.derive(mech.noise_stream, r, int(cid))
-                               if client_noise and key is not None
-                               and mech.noise_stream is not None else None))
+                    noise_key=pp.mechanism.noise_key_for(self.noise_key, "client", r, int(cid)))
                 for cid in cohort}
         pending: dict[Any, _Pending] = {}
         ws = self.pool.usable()

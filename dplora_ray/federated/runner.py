@@ -266,9 +266,7 @@ class _Run(RoundsMixin):
         self.aggregator = backend.make_aggregator(
             initial=self.initial, mode=pp.mode, server_learning_rate=self.fed.server_learning_rate,
             clipping_norm=pc.clipping_norm,
-            noise_key=(key.derive(mech.noise_stream) if key is not None
-                       and mech.noise_stream is not None and mech.noise_by == "server"
-                       else None),
+            noise_key=mech.noise_key_for(key, "server"),
             keep_last_update=self.fed.compression == "cmfl",
             server_optimizer=self.fed.server_optimizer,
             server_options={"momentum": self.fed.server_momentum,
@@ -360,7 +358,7 @@ class _Run(RoundsMixin):
             "finished": self.finished,
             "stop_reason": self.stop_reason,
             "aggregator": ck,
-            "ledger": self.ledger.to_dict() if self.pp.private else None,
+            "ledger": self.ledger.state_dict() if self.pp.private else None,
             "rng": {"scheme": "public: (seed, stream, round, client); noise: (noise key, "
                               "stream, round, client, step); see dplora_ray.privacy.streams",
                     "seed": self.cfg.seed, "next_round": self.done_rounds + 1},

@@ -182,23 +182,28 @@ class PrivacyLedger:
         return max((self._epsilon_of(by_unit[u]) for u in sorted(affected)), default=0.0)
 
     # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """What :meth:`from_dict` needs and nothing else (no epsilon is computed): the
+        checkpoint's form."""
+        return {"format": LEDGER_FORMAT, "mode": self._mode, "accountant": self._accountant,
+                "delta": self._delta, "unit_of_privacy": self._unit_of_privacy,
+                "entries": [e.to_dict() for e in self._entries]}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form; ``epsilon_at_save`` is informational only."""
         eps = self.epsilons()
         worst = max(eps.values(), default=0.0)
+        state = self.state_dict()
+        entries = state.pop("entries")
         return {
-            "format": LEDGER_FORMAT,
-            "mode": self._mode,
-            "accountant": self._accountant,
-            "delta": self._delta,
-            "unit_of_privacy": self._unit_of_privacy,
+            **state,
             "protects": self.protects,
             "epsilon_at_save": {
                 "note": "for reading only; recomputed from the entries on load",
                 "max": _json_epsilon(worst),
                 "per_unit": {u: _json_epsilon(v) for u, v in eps.items()},
             },
-            "entries": [e.to_dict() for e in self._entries],
+            "entries": entries,
         }
 
     @classmethod

@@ -138,6 +138,15 @@ class Mechanism:
                             "removing one example); compared with the largest ledger "
                             "epsilon among the audited clients")
 
+    def noise_key_for(self, run_key: NoiseKey | None, party: str, *position: int
+                      ) -> NoiseKey | None:
+        """The derived key of this mechanism's noise stream at ``position`` for ``party``
+        (``"client"`` or ``"server"``); None when that party adds no noise (or the run
+        has no key)."""
+        if run_key is None or self.noise_stream is None or self.noise_by != party:
+            return None
+        return run_key.derive(self.noise_stream, *position)
+
     # ------------------------------------------------------------------ transforms
     def client_transform(self, update: Mapping[str, torch.Tensor], clipping_norm: float,
                          noise_multiplier: float, noise_key: NoiseKey | None
