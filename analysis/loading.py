@@ -1,8 +1,10 @@
 """Load a run folder or a sweep folder into pandas with a fixed schema.
 
-Builds only on the package's public result API: the column constants and
-:func:`~dplora_ray.results.load_run` of :mod:`dplora_ray.results`, the sweep table of
-:mod:`dplora_ray.tune` (``sweep.parquet``) and :func:`~dplora_ray.config.load_config`.
+Builds only on the package's public result API: the column constants and the files
+:func:`~dplora_ray.results.load_run` reads, of :mod:`dplora_ray.results`, the sweep table
+of :mod:`dplora_ray.tune` (``sweep.parquet``) and :func:`~dplora_ray.config.load_config`.
+A file that cannot be read (damaged, cut short, not UTF-8) is a ConfigError naming it
+(``dplora-ray analyze`` exits 2 with one line).
 
 Invariants:
     * ``Results.trials`` has the sweep-table schema (:data:`dplora_ray.tune.SWEEP_COLUMNS`
@@ -16,17 +18,22 @@ Invariants:
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import pandas as pd
-import yaml
 
 from dplora_ray import results as R
 from dplora_ray import tune as S
 from dplora_ray.config import load_config
+from dplora_ray.config.yamlfile import read_yaml_file
 from dplora_ray.errors import ConfigError
+from dplora_ray.fileio import one_line
+
+T = TypeVar("T")
 
 __all__ = ["Results", "key_columns", "load_results"]
 
@@ -86,12 +93,46 @@ def _trial_folder(root: Path, row: pd.Series) -> Path | None:
     return None
 
 
+def _readable(folder: Path, what: str, read: Callable[[], T]) -> T:
+    """``read()``, or a ConfigError ``DIR=folder: <what> cannot be read (...)``: a file
+    damaged or cut short (a copy that stopped half-way, a full disk) is bad input."""
+    try:
+        return read()
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - JSON, Arrow, Unicode, OS errors alike
+        raise ConfigError("DIR", str(folder), f"{what} cannot be read "
+                          f"({one_line(exc, 200)})") from None
+
+
+def _run_files(folder: Path) -> dict[str, Any]:
+    """:func:`dplora_ray.results.load_run`'s files, each read on its own so that a
+    damaged one is named."""
+    run = {
+        "rounds": _readable(folder, "rounds.parquet",
+                            lambda: pd.read_parquet(folder / "rounds.parquet")),
+        "clients": _readable(folder, "clients.parquet",
+                             lambda: pd.read_parquet(folder / "clients.parquet")),
+        "summary": _readable(folder, "summary.json",
+                             lambda: json.loads((folder / "summary.json").read_bytes())),
+    }
+    if not isinstance(run["summary"], dict):
+        raise ConfigError("DIR", str(folder), "summary.json cannot be read (not a JSON "
+                          "object)")
+    return run
+
+
 def _load_sweep(path: Path) -> Results:
-    trials = S.read_sweep(path)
+    trials = _readable(path, S.SWEEP_FILE, lambda: S.read_sweep(path))
+    missing_cols = [c for c in (S.TRIAL, S.STATUS, S.TRIAL_DIR) if c not in trials.columns]
+    if missing_cols:
+        raise ConfigError("DIR", str(path), f"{S.SWEEP_FILE} lacks the column "
+                          f"{missing_cols[0]!r} (not a dplora-ray sweep table)")
     swept: list[str] = []
     plan = path / "sweep.yaml"
     if plan.is_file():
-        doc = yaml.safe_load(plan.read_text()) or {}
+        doc = read_yaml_file(plan, "DIR")
+        doc = doc if isinstance(doc, dict) else {}
         swept = [k for k in ((doc.get("sweep") or {}).get("space") or {}) if k in trials]
     keys = key_columns(trials)
     rounds, clients, missing = [], [], []
@@ -102,7 +143,7 @@ def _load_sweep(path: Path) -> Results:
         if folder is None:
             missing.append(str(row[S.TRIAL]))
             continue
-        run = R.load_run(folder)
+        run = _run_files(folder)
         rounds.append(_attach(run["rounds"], row, keys))
         clients.append(_attach(run["clients"], row, keys))
     return Results(
@@ -119,7 +160,7 @@ def _load_sweep(path: Path) -> Results:
 
 
 def _load_run(path: Path) -> Results:
-    run = R.load_run(path)
+    run = _run_files(path)
     cfg = load_config(path / "config.yaml")
     base = {c: None for c in S.SWEEP_COLUMNS}
     base[S.TRIAL] = path.name

@@ -3,7 +3,8 @@
 Every user error (:class:`~dplora_ray.errors.DpLoraError`) ends with exit code 2 and one
 line on stderr naming the key and the value; no traceback. A run that ends early for
 another reason (:class:`~dplora_ray.errors.RunFailedError`, e.g. a lost worker under
-``runtime.on_client_failure=fail``) ends with exit code 1 and one line.
+``runtime.on_client_failure=fail``, or a write that failed, e.g. on a full disk) ends with
+exit code 1 and one line.
 """
 
 from __future__ import annotations
@@ -162,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DpLoraError as exc:
         print(f"dplora-ray: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a write failed mid-run (disk full...): what was done stays
+        from dplora_ray.fileio import one_line
+
+        print(f"dplora-ray: run failed: {one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dplora-ray: interrupted", file=sys.stderr)
         return 130

@@ -36,6 +36,7 @@ import torch
 
 from dplora_ray.config import LoraSection, ModelConfig
 from dplora_ray.errors import ModelError
+from dplora_ray.model_checks import check_model_folder
 
 __all__ = [
     "PRESETS",
@@ -165,21 +166,26 @@ def prepare_model(cfg: ModelConfig) -> str:
     """Validate ``model.name`` and make the checkpoint available locally.
 
     Returns the local folder (presets, local paths) or the hub id to load from. Raises
-    :class:`ModelError` for an unknown preset, a missing local path, or a hub id while the
-    hub is offline.
+    :class:`ModelError` for an unknown preset, a missing local path, a local folder
+    without a JSON-object config.json or without (complete) weights, or a hub id while
+    the hub is offline.
     """
     name = cfg.name
-    if name == "tiny-llama":
-        return str(_atomic_build(cache_root() / "models" / "tiny-llama-v1", _build_tiny_llama))
-    if name == "smollm2-135m":
-        _smollm2_gguf()
-        return str(_atomic_build(cache_root() / "models" / "smollm2-135m-instruct",
-                                 _build_smollm2))
+    if name in PRESETS:
+        if name == "smollm2-135m":
+            _smollm2_gguf()
+        folder = (_atomic_build(cache_root() / "models" / "tiny-llama-v1", _build_tiny_llama)
+                  if name == "tiny-llama" else
+                  _atomic_build(cache_root() / "models" / "smollm2-135m-instruct",
+                                _build_smollm2))
+        check_model_folder(folder, name)  # a damaged cache folder
+        return str(folder)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError("model.name", name, "folder has no config.json "
                              "(expected a Hugging Face checkpoint folder)")
+        check_model_folder(path, name)
         return str(path.resolve())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError("model.name", name, "no such local folder")
@@ -206,9 +212,15 @@ def load_base_model(cfg: ModelConfig) -> tuple[Any, Any]:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
         model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision,
                                                      dtype=torch.float32)
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError("model.name", cfg.name, f"could not be loaded ({first})") from None
+    except Exception as exc:  # noqa: BLE001 - files, shapes, formats: the model is bad
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if "ignore_mismatched_sizes" in text:  # transformers' words for a shape mismatch
+            first = "the weights' tensor shapes do not match config.json"
+        elif not isinstance(exc, OSError):
+            first = f"{type(exc).__name__}: {first}"
+        raise ModelError("model.name", cfg.name,
+                         f"could not be loaded ({' '.join(first.split())[:200]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

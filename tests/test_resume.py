@@ -90,7 +90,7 @@ def test_checkpoint_holds_what_a_resume_needs(reference: Path) -> None:
     ck = load_checkpoint(reference)
 
     # Assert
-    assert ck is not None and ck["format"] == "dplora_ray.checkpoint/v2"
+    assert ck is not None and ck["format"] == "dplora_ray.checkpoint/v3"
     assert ck["noise_key"]["reproducible"] is True and len(ck["noise_key"]["secret"]) == 64
     assert ck["server_round"] == ROUNDS and ck["finished"] is True
     cfg = load_config(reference / "config.yaml")

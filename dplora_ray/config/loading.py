@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from dplora_ray.config.sections import SECTIONS, ExperimentConfig
+from dplora_ray.config.yamlfile import DuplicateKeyError, load_yaml_text, read_yaml_file
 from dplora_ray.errors import ConfigError
 
 __all__ = [
@@ -155,7 +156,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, text = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml_text(text) if text.strip() else None
+    except DuplicateKeyError as exc:
+        raise ConfigError(key, text, f"key {exc.path!r} is given twice") from None
     except yaml.YAMLError:
         value = text
     return key, value
@@ -189,17 +192,13 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[s
 
 def load_config(path: str | Path | None, overrides: Sequence[str] | Mapping[str, Any] = ()
                 ) -> ExperimentConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    A file that is missing, unreadable, not UTF-8, empty, not valid YAML, or repeats a
+    key in one mapping is a ConfigError ``config=PATH: ...``."""
     raw: Any = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("config", str(path), "no such file")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
-            raise ConfigError("config", str(path), f"is not valid YAML ({first})") from None
+        raw = read_yaml_file(path, "config")  # missing, binary, empty, duplicate keys...
         if not isinstance(raw, Mapping):
             raise ConfigError("config", str(path), "must be a YAML mapping of sections")
     return config_from_dict(apply_overrides(raw, overrides))

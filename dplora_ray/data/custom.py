@@ -9,7 +9,10 @@ label outside the task raises :class:`~dplora_ray.errors.DataError`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import codecs
+import contextlib
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,8 @@ def _read_custom(cfg: DataConfig) -> pd.DataFrame:
                 "data.path at a local CSV/JSON/Parquet file",
             )
         try:
-            loaded = datasets.load_dataset(path, cache_dir=str(cache_dir(cfg) / "datasets"))
+            with _quiet_datasets():
+                loaded = datasets.load_dataset(path, cache_dir=str(cache_dir(cfg) / "datasets"))
         except Exception as exc:  # noqa: BLE001 - network, auth, format: all data errors
             raise DataError(
                 "data.path",
@@ -80,24 +84,77 @@ def _read_custom(cfg: DataConfig) -> pd.DataFrame:
         if not group:
             continue
         try:
-            loaded = datasets.load_dataset(
-                builder,
-                data_files=[str(f) for f in group],
-                cache_dir=str(cache_dir(cfg) / "datasets"),
-                **kwargs,
-            )
+            with _quiet_datasets():
+                loaded = datasets.load_dataset(
+                    builder,
+                    data_files=[str(f) for f in group],
+                    cache_dir=str(cache_dir(cfg) / "datasets"),
+                    **kwargs,
+                )
         except Exception as exc:  # noqa: BLE001 - parser errors are data errors
             if "corresponds to no data" in str(exc):  # datasets' words for "zero rows"
                 continue
+            if suffix != ".parquet":  # name the file that is not text, and where
+                for f in group:
+                    _check_utf8(f, path)
             raise DataError(
                 "data.path",
                 path,
-                f"could not be read as {suffix[1:].upper()} ({one_line(exc, limit=200)})",
-            ) from exc
+                f"could not be read as {suffix[1:].upper()} ({one_line(_root_cause(exc), 200)})",
+            ) from None
         frames.append(_to_pandas(loaded))
     if not frames:
         raise DataError("data.path", path, "is empty (no rows)")
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """``datasets`` logs its own error line ("Failed to read file ...") and progress bars
+    before raising; the user sees our one line instead."""
+    import datasets
+
+    level = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL + 10)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(level)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (``datasets`` wraps the parser's error)."""
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None or id(nxt) in seen:
+            return exc
+        seen.add(id(nxt))
+        exc = nxt
+
+
+def _check_utf8(f: Path, path: str) -> None:
+    """DataError naming ``f`` and the offset of its first byte that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with open(f, "rb") as fh:
+            while True:
+                chunk = fh.read(1 << 20)
+                pending = len(decoder.getstate()[0])  # bytes held over from the last chunk
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as exc:
+                    raise DataError("data.path", path, f"{f.name} is not UTF-8 text (byte "
+                                    f"0x{exc.object[exc.start]:02x} at offset "
+                                    f"{offset - pending + exc.start})") from None
+                if not chunk:
+                    return
+                offset += len(chunk)
+    except OSError as exc:
+        raise DataError("data.path", path, f"{f.name} cannot be read "
+                        f"({exc.strerror or exc})") from None
 
 
 def _to_pandas(loaded: Any) -> pd.DataFrame:
@@ -174,6 +231,10 @@ def _map_labels(series: pd.Series, cfg: DataConfig, task: Task) -> np.ndarray:
                 )
             mapping[value] = names[str(found).strip().lower()]
     else:
+        if any(isinstance(v.item() if isinstance(v, np.generic) else v, bool) for v in uniques):
+            raise DataError("data.label_column", column,
+                            "holds true/false values; say which label each means with "
+                            "data.label_map (e.g. {true: positive, false: negative})")
         for value in uniques:
             index = _direct_label(value, names)
             if index is None:
@@ -186,6 +247,27 @@ def _map_labels(series: pd.Series, cfg: DataConfig, task: Task) -> np.ndarray:
                 )
             mapping[value] = index
     return np.asarray([mapping[v] for v in series.tolist()], dtype=np.int64)
+
+
+def _usable_texts(raw: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Refuse list/mapping-valued texts (they would be trained on as their repr); drop
+    empty (or blank) texts with a warning line, or refuse when nothing is left."""
+    texts = raw[column]
+    nested = np.flatnonzero(texts.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
+                            .to_numpy(dtype=bool))
+    if len(nested):
+        kind = "mapping" if isinstance(texts.iloc[int(nested[0])], dict) else "list"
+        raise DataError("data.text_column", column,
+                        f"holds {kind} values, not text (first in row {int(nested[0])}); "
+                        "point it at a column of strings")
+    blank = texts.map(lambda v: isinstance(v, str) and not v.strip()).to_numpy(dtype=bool)
+    if blank.all():
+        raise DataError("data.text_column", column, "holds only empty texts")
+    if blank.any():
+        print(f"warning: data.text_column={column!r}: dropped {int(blank.sum())} row(s) "
+              "with an empty text", file=sys.stderr)
+        raw = raw.loc[~blank].reset_index(drop=True)
+    return raw
 
 
 def load_custom(cfg: DataConfig, task: Task) -> pd.DataFrame:
@@ -202,6 +284,7 @@ def load_custom(cfg: DataConfig, task: Task) -> pd.DataFrame:
         if column is not None and column not in raw.columns:
             raise DataError(key, column, f"no such column; available columns: {available}")
     _check_present(raw[cfg.text_column], "data.text_column", cfg.text_column)
+    raw = _usable_texts(raw, cfg.text_column)
     labels = _map_labels(raw[cfg.label_column], cfg, task)
     if cfg.group_column is not None:
         _check_present(raw[cfg.group_column], "data.group_column", cfg.group_column)

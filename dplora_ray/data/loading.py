@@ -101,6 +101,7 @@ __all__ = [
 COLUMNS = ("text", "label", "group")
 
 SYNTHETIC_TRAIN_EXAMPLES = 2000
+SYNTHETIC_MAX_EXAMPLES = 1_000_000
 _SYNTHETIC_ENTROPY = 0x5E1F_DA7A  # the synthetic corpus is the same for every seed
 _SYNTHETIC_GROUPS = ("g0", "g1", "g2", "g3")
 _SYNTHETIC_WORDS = (  # one vocabulary per label: negative, neutral, positive
@@ -205,6 +206,10 @@ def _load_synthetic(cfg: DataConfig, task: AnyTask) -> pd.DataFrame:
             "recipe 'synthetic' generates 3-class sentiment; use data.task=sentiment3",
         )
     n = cfg.test_size + (cfg.max_train_examples or SYNTHETIC_TRAIN_EXAMPLES)
+    if n > SYNTHETIC_MAX_EXAMPLES:  # generated one by one: this many would take hours
+        raise DataError("data.max_train_examples", cfg.max_train_examples,
+                        f"the synthetic recipe generates at most {SYNTHETIC_MAX_EXAMPLES:,} "
+                        f"examples (data.test_size + data.max_train_examples = {n:,})")
     rng = np.random.default_rng(np.random.SeedSequence(_SYNTHETIC_ENTROPY))
     labels = rng.permutation(np.arange(n) % 3)
     weights = np.ones((3, len(_SYNTHETIC_GROUPS)))

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from dplora_ray.config import ExperimentConfig, config_to_dict
-from dplora_ray.errors import DpLoraError
+from dplora_ray.errors import DpLoraError, RunFailedError
 from dplora_ray.federated.aggregator import Aggregator
 from dplora_ray.federated.client import ClientJob, ClientResult, ClientWorker
 from dplora_ray.federated.encoding import EncodedData
@@ -77,9 +77,24 @@ class RuntimeWorker(ClientWorker):
 
             data = ray.get(data[0])
         assert isinstance(data, EncodedData)
-        super().__init__(cfg, data, worker_index)
         self._in_process = in_process
         self._fault_fired = False
+        self._init_error: DpLoraError | None = None
+        try:
+            super().__init__(cfg, data, worker_index)
+        except DpLoraError as exc:
+            if in_process:
+                raise
+            # an actor whose __init__ raises dies with a 27-line ActorDiedError that has
+            # lost the cause; kept here, it is raised by ping(), and so crosses Ray as
+            # itself (RayTaskError.cause) and reaches the user as one line
+            self._init_error = exc
+            self.worker_index = worker_index
+
+    def ping(self) -> int:
+        if self._init_error is not None:
+            raise self._init_error
+        return super().ping()
 
     def _restarted(self) -> bool:
         if self._in_process:
@@ -259,8 +274,21 @@ class ActorBackend:
         # driver holds it, and a restarted worker fetches it again in its __init__
         self.workers = [remote.remote(cfg_dict, [self._data_ref], i)
                         for i in range(cfg.runtime.num_workers)]
-        try:
-            self.get([self.submit(w, "ping") for w in self.workers])  # fail fast on start-up
+        try:  # fail fast on start-up; every answer is read (no "unhandled error" logs)
+            pings = [self.submit(w, "ping") for w in self.workers]
+            self.ray.wait(pings, num_returns=len(pings))
+            errors: list[BaseException] = []
+            for ping in pings:
+                try:
+                    self.get(ping)
+                except Exception as exc:  # noqa: BLE001 - the first is raised below
+                    errors.append(exc)
+            if errors:  # a bad-input error (exit 2) wins over a lost worker
+                first = next((e for e in errors if isinstance(e, DpLoraError)), errors[0])
+                if isinstance(first, WorkerLost):
+                    raise RunFailedError(f"a client worker could not start "
+                                         f"({first.reason})") from None
+                raise first
         except BaseException:
             self.shutdown()
             raise

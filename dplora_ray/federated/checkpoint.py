@@ -8,7 +8,11 @@ evaluations. It is written whole or not at all (:func:`dplora_ray.fileio.write_a
 
 :func:`resume_point` validates a folder to resume; :func:`compare_configs` refuses any
 config key that would change what the resumed rounds compute
-(:data:`RESUMABLE_RUNTIME_KEYS` may change).
+(:data:`RESUMABLE_RUNTIME_KEYS` may change); :func:`check_data` refuses data that changed
+underneath the run (the checkpoint holds content hashes of the encoded training data, the
+test split and the client partition, :func:`~dplora_ray.federated.planning.data_fingerprint`).
+A v2 checkpoint (no data fingerprint) cannot be continued: the data it was trained on
+cannot be checked; a finished v2 run with all its result files still resumes (to nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 
 from dplora_ray.config import ExperimentConfig, config_from_dict, config_to_dict
-from dplora_ray.errors import ConfigError, OutputError, PrivacyError
+from dplora_ray.errors import ConfigError, DataError, OutputError, PrivacyError
 from dplora_ray.fileio import one_line, write_atomic
 from dplora_ray.privacy.streams import NoiseKey
 
@@ -28,6 +32,7 @@ __all__ = [
     "CHECKPOINT_FILE",
     "CHECKPOINT_FORMAT",
     "RESUMABLE_RUNTIME_KEYS",
+    "check_data",
     "compare_configs",
     "load_checkpoint",
     "noise_key_of",
@@ -37,7 +42,12 @@ __all__ = [
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = "dplora_ray.checkpoint/v2"  # v2: the secret noise key
+CHECKPOINT_FORMAT = "dplora_ray.checkpoint/v3"  # v2: the secret noise key; v3: data hashes
+#: readable, not continuable (no data fingerprint): see :func:`check_data`
+CHECKPOINT_FORMAT_V2 = "dplora_ray.checkpoint/v2"
+#: the parts of a data fingerprint, in the order a message names them
+_DATA_PARTS = {"train": "the training data", "test": "the test split",
+               "partition": "the client partition"}
 #: runtime keys a resumed run may change: where and how clients run, never what they
 #: compute (docs/privacy.md); every other key, runtime.bf16_autocast,
 #: runtime.gpus_per_worker and the torch thread count included, must stay as it was
@@ -94,10 +104,46 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
                           f"{CHECKPOINT_FILE} was written by an older dplora_ray whose noise "
                           "was derived from the public seed; it cannot be continued "
                           "privately: start a new run")
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ck, dict) or ck.get("format") not in (CHECKPOINT_FORMAT,
+                                                             CHECKPOINT_FORMAT_V2):
         raise OutputError("--resume", str(run_dir),
                           f"{CHECKPOINT_FILE} is not a {CHECKPOINT_FORMAT} checkpoint")
     return ck
+
+
+def check_data(ck: dict[str, Any], current: dict[str, str] | None, cfg: ExperimentConfig,
+               run_dir: Path) -> None:
+    """Refuse to continue the run of ``ck`` on data other than it started with.
+
+    Args:
+        ck: the checkpoint (``data_fingerprint``: part -> hash; absent in v2).
+        current: :func:`~dplora_ray.federated.planning.data_fingerprint` of the data as
+            loaded now (None: only check that ``ck`` has a fingerprint).
+
+    Raises:
+        OutputError: a v2 checkpoint (no fingerprint to check against).
+        DataError: naming the data key (``data.path`` or ``data.recipe``; for the
+            partition alone ``federation.partition``) and what changed.
+    """
+    stored = ck.get("data_fingerprint")
+    if not isinstance(stored, dict):
+        raise OutputError("--resume", str(run_dir),
+                          f"{CHECKPOINT_FILE} is a {ck.get('format')} checkpoint, written "
+                          "before data fingerprints: this version cannot check that the data "
+                          "are the ones the run started with, so it will not continue it; "
+                          "start a new run")
+    if current is None:
+        return
+    changed = [p for p in _DATA_PARTS if stored.get(p) != current.get(p)]
+    if not changed:
+        return
+    d = cfg.data
+    key, value = (("federation.partition", cfg.federation.partition) if changed == ["partition"]
+                  else ("data.path", d.path) if d.path is not None else ("data.recipe", d.recipe))
+    what = " and ".join(_DATA_PARTS[p] for p in changed)
+    prints = ", ".join(f"{p} {str(stored.get(p))[:12]} -> {current[p][:12]}" for p in changed)
+    raise DataError(key, value, f"{what} changed since the run started (fingerprint "
+                                f"{prints}); resume needs the same data")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

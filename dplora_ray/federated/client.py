@@ -270,12 +270,21 @@ class ClientWorker(LocalTraining):
         else:
             load_lora_state_inplace(self.model, state)
 
-    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        lr = self.cfg.federation.learning_rate
-        if self.cfg.federation.optimizer == "sgd":
+    def _optimizer(self, params: list[torch.nn.Parameter],
+                   noise_std: float = 0.0) -> torch.optim.Optimizer:
+        """The local optimizer; ``noise_std`` is the per-coordinate standard deviation
+        of the DP noise in the gradient it will see (``dpadambc`` subtracts its square)."""
+        fed = self.cfg.federation
+        lr = fed.learning_rate
+        if fed.optimizer == "sgd":
             return torch.optim.SGD(params, lr=lr)
-        if self.cfg.federation.optimizer == "sgdm":
-            return torch.optim.SGD(params, lr=lr, momentum=self.cfg.federation.client_momentum)
+        if fed.optimizer == "sgdm":
+            return torch.optim.SGD(params, lr=lr, momentum=fed.client_momentum)
+        if fed.optimizer == "dpadambc":
+            from dplora_ray.privacy.adambc import DPAdamBC
+
+            return DPAdamBC(params, lr=lr, noise_variance=noise_std ** 2,
+                            gamma=fed.adambc_gamma)
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     # ----------------------------------------------------------------- training

@@ -51,7 +51,8 @@ class LocalTraining:
     def _loss(self, idx: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
 
-    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    def _optimizer(self, params: list[torch.nn.Parameter],
+                   noise_std: float = 0.0) -> torch.optim.Optimizer:
         raise NotImplementedError
 
     def _noise_key(self, job: ClientJob) -> Any:
@@ -123,10 +124,12 @@ class LocalTraining:
         key = self._noise_key(job)
         rate = self._poisson_rate(job)
         params = list(self._params.values())
+        C, B = self.cfg.privacy.clipping_norm, self.cfg.federation.batch_size
+        # Opacus adds N(0, (sigma C)^2) to the sum and divides by the expected batch
+        inner = self._optimizer(params, noise_std=job.noise_multiplier * C / B)
         opt = Float32ClipDPOptimizer(
-            self._optimizer(params), noise_multiplier=job.noise_multiplier,
-            max_grad_norm=self.cfg.privacy.clipping_norm,
-            expected_batch_size=self.cfg.federation.batch_size, loss_reduction="mean")
+            inner, noise_multiplier=job.noise_multiplier, max_grad_norm=C,
+            expected_batch_size=B, loss_reduction="mean")
         self.model.train()
         losses = []
         try:
@@ -169,7 +172,7 @@ class LocalTraining:
         rate = self._poisson_rate(job)
         C = self.cfg.privacy.clipping_norm
         std = job.noise_multiplier * C
-        opt = self._optimizer(list(self._params.values()))
+        opt = self._optimizer(list(self._params.values()), noise_std=std)
         self.model.train()
         losses = []
         for step, idx in enumerate(self._poisson_batches(job, rng, rate)):

@@ -9,7 +9,9 @@ the privacy (:func:`~dplora_ray.privacy.mechanisms.plan_privacy`). The result is
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from dplora_ray.federated.encoding import (
     encode_split,
     label_token_ids,
 )
+from dplora_ray.outputs import RUN_OUTPUTS, check_overwrite, check_writable, entries
 from dplora_ray.privacy.mechanisms import get_mechanism
 from dplora_ray.privacy.plan import PrivacyPlan, plan_privacy
 from dplora_ray.privacy.streams import PublicStream, public_rng, public_seed
@@ -32,6 +35,7 @@ __all__ = [
     "RunPlan",
     "check_output",
     "cohort_mode",
+    "data_fingerprint",
     "derive_seed",
     "encode_experiment",
     "plan_run",
@@ -79,6 +83,11 @@ class RunPlan:
     tokenizer: Any = None  # the driver decodes generated answers (generation tasks)
     references: list[str] | None = None  # generation: reference answers for ROUGE-L
 
+    @cached_property
+    def fingerprint(self) -> dict[str, str]:
+        """:func:`data_fingerprint` of this plan's data and partition."""
+        return data_fingerprint(self.data, self.parts)
+
     def client_rate(self, cid: int) -> float:
         return min(1.0, self.cfg.federation.batch_size / len(self.parts[cid]))
 
@@ -90,11 +99,38 @@ class RunPlan:
 
 
 def check_output(out_dir: Path, overwrite: bool) -> None:
+    """``out_dir`` can take a new run: missing or empty, or (``overwrite``) holding only
+    what a run writes (:data:`~dplora_ray.outputs.RUN_OUTPUTS`); and it can be created
+    and written. Checked before any model or data is loaded; leaves nothing behind."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError("--out", str(out_dir), "exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputError("--out", str(out_dir),
-                          "exists and is not empty; pass --overwrite or pick a new folder")
+    if out_dir.is_dir() and entries(out_dir):
+        if not overwrite:
+            raise OutputError("--out", str(out_dir),
+                              "exists and is not empty; pass --overwrite or pick a new folder")
+        check_overwrite(out_dir, RUN_OUTPUTS)
+    check_writable(out_dir, "--out")
+
+
+def data_fingerprint(data: EncodedData, parts: list[np.ndarray]) -> dict[str, str]:
+    """Content hashes (BLAKE2b, hex) of the encoded training data (``train``: token ids,
+    offsets, labels, prompt lengths, label tokens), the test split (``test``) and the
+    client partition (``partition``); stored in the checkpoint, checked on resume."""
+    def digest(*arrays: Any) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for a in arrays:
+            b = b"-" if a is None else np.ascontiguousarray(a, dtype="<i8").tobytes()
+            h.update(len(b).to_bytes(8, "little") + b)
+        return h.hexdigest()
+
+    def split(s: Any) -> tuple[Any, ...]:
+        return (s.ids, s.offsets, s.labels, s.prompt_lens, [s.choices])
+
+    eos = -1 if data.eos_id is None else data.eos_id
+    return {"train": digest(*split(data.train), list(data.label_token_ids),
+                            [data.pad_id, eos, data.num_labels]),
+            "test": digest(*split(data.test)),
+            "partition": digest([len(parts)], *parts)}
 
 
 def encode_experiment(cfg: ExperimentConfig) -> tuple[EncodedData, Any, str, Any]:
@@ -102,15 +138,19 @@ def encode_experiment(cfg: ExperimentConfig) -> tuple[EncodedData, Any, str, Any
 
     from dplora_ray.data import load_data
     from dplora_ray.errors import ModelError
+    from dplora_ray.fileio import one_line
+    from dplora_ray.model_checks import check_model_fits
     from dplora_ray.models import prepare_model
 
     loaded = load_data(cfg.data, cfg.seed)
     source = prepare_model(cfg.model)
+    # what a worker would fail on, checked here: context length, LoRA target modules
+    check_model_fits(source, cfg.model, cfg.lora if cfg.federation.strategy == "lora" else None)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - missing, unreadable or malformed files
         raise ModelError("model.name", cfg.model.name,
-                         f"tokenizer could not be loaded ({str(exc).splitlines()[0]})") from None
+                         f"tokenizer could not be loaded ({one_line(exc, 200)})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     task: Any = loaded.task  # Task, MultipleChoiceTask or GenerationTask (by .kind)

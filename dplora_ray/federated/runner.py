@@ -73,8 +73,6 @@ is shrunk by ``|S'| / (qN)``), visible in ``num_clients_completed``.
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -89,6 +87,7 @@ from dplora_ray.errors import OutputError, RunFailedError
 from dplora_ray.federated.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
+    check_data,
     load_checkpoint,
     noise_key_of,
     plain,
@@ -110,6 +109,15 @@ from dplora_ray.federated.pool import Backend, WorkerPool
 from dplora_ray.federated.progress import Progress
 from dplora_ray.federated.rounds import STOP_COMPLETED, RoundsMixin
 from dplora_ray.fileio import one_line
+from dplora_ray.outputs import (
+    RUN_OUTPUTS,
+    check_writable,
+    clear_outputs,
+    finished_summary,
+    missing_results,
+    remove_temp_files,
+    write_folder_atomic,
+)
 from dplora_ray.privacy.mechanisms import ALL_CLIENTS
 from dplora_ray.privacy.plan import PrivacyPlan
 from dplora_ray.privacy.streams import NoiseKey
@@ -185,23 +193,34 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, overwrite: boo
     out = Path(out_dir)
     say = log or (lambda m: print(m, file=sys.stderr))
     prior: dict[str, Any] | None = None
+    kept: dict[str, Any] | None = None  # a finished run's summary, kept as it is
+    changed: list[str] = []
     if resume:
         prior, changed = resume_point(cfg, out)
-        if prior is not None and prior.get("finished") and (out / "summary.json").is_file():
-            summary = json.loads((out / "summary.json").read_text())
-            if not str(summary.get("stop_reason", "error")).startswith("error"):
-                say(f"resume: {out} is already finished ({summary['stop_reason']})")
-                return dict(summary)
-        for c in changed:
-            say(f"resume: {c}")
+        if prior is not None and prior.get("finished"):
+            kept = finished_summary(out)
+            missing = missing_results(out, full_model=cfg.federation.strategy == "full",
+                                      audit=cfg.audit.enabled)
+            if kept is not None and not missing:
+                say(f"resume: {out} is already finished ({kept['stop_reason']})")
+                return kept
+            if kept is not None:
+                say(f"resume: {out} is finished but lacks {', '.join(missing)}; "
+                    f"rebuilding from {CHECKPOINT_FILE}")
+        if prior is not None:
+            check_data(prior, None, cfg, out)  # a v2 checkpoint: refused before any load
+        check_writable(out, "--resume")
     else:
         check_output(out, overwrite)
     plan = plan_run(cfg)
     if prior is not None:
+        check_data(prior, plan.fingerprint, cfg, out)
         drawn = [[int(c) for c in cohort] for cohort in plan.cohorts[:prior["server_round"]]]
         if drawn != prior["cohorts"]:  # the schedule is a function of (config, seed)
             raise OutputError("--resume", str(out), "the checkpoint's cohort history does "
                               "not match the cohorts drawn again from its config and seed")
+    for c in changed:  # validated: now say what runs differently
+        say(f"resume: {c}")
 
     from dplora_ray.federated.backends import make_backend
 
@@ -211,6 +230,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, overwrite: boo
     backend = make_backend(cfg, plan.data)
     try:
         run = _Run(cfg, plan, backend, out, say, progress, t_start)
+        run.kept_summary = kept
         run.start(prior, overwrite=overwrite and not resume)
         return run.execute()
     finally:
@@ -241,6 +261,7 @@ class _Run(RoundsMixin):
         self.before: EvalResult | None = None
         self.last_eval = EvalResult()
         self.audit_summary: dict[str, Any] | None = None
+        self.kept_summary: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ set-up
     def start(self, prior: dict[str, Any] | None, overwrite: bool) -> None:
@@ -296,13 +317,14 @@ class _Run(RoundsMixin):
         # ---- everything validated: from here on we write into `out`
         out = self.out
         if prior is None:
-            if out.exists() and overwrite:
-                shutil.rmtree(out)
+            if overwrite:  # only what a run writes (check_output refused anything else)
+                clear_outputs(out, RUN_OUTPUTS)
             out.mkdir(parents=True, exist_ok=True)
             for stale in ("summary.json", CHECKPOINT_FILE):  # an earlier attempt's
                 (out / stale).unlink(missing_ok=True)
-        else:
+        elif self.kept_summary is None:
             (out / "summary.json").unlink(missing_ok=True)  # not finished any more
+        remove_temp_files(out)  # what a killed earlier attempt left
         save_config(cfg, out / "config.yaml")
         self.folder_ready = True
         if prior is not None:  # the result files as of the checkpoint
@@ -372,6 +394,7 @@ class _Run(RoundsMixin):
             "eval_before": plain((self.before or EvalResult()).to_dict()),
             "last_eval": plain(self.last_eval.to_dict()),
             "wall_seconds": self.elapsed(),
+            "data_fingerprint": self.plan.fingerprint,  # resume checks the data
         }
         write_checkpoint(payload, self.out / CHECKPOINT_FILE)
 
@@ -407,7 +430,11 @@ class _Run(RoundsMixin):
             return self.finish()
         except BaseException as exc:
             if self.folder_ready:
-                self.write_summary(f"error: {_stop_text(exc)}")
+                try:
+                    self.write_summary(f"error: {_stop_text(exc)}")
+                except OSError:  # e.g. the disk is full: the first error is the one to tell
+                    pass
+                remove_temp_files(self.out)
             raise
 
     # ------------------------------------------------------------------ the end
@@ -420,9 +447,11 @@ class _Run(RoundsMixin):
         if self.fed.strategy == "full":  # Vanilla FL: the whole model
             from dplora_ray.models import save_full_model
 
-            save_full_model(self.out / "model", self.cfg.model, full)
+            write_folder_atomic(self.out / "model",
+                                lambda d: save_full_model(d, self.cfg.model, full))
         else:
-            save_adapter(self.out / "adapter", self.cfg.lora, self.plan.model_source, full)
+            write_folder_atomic(self.out / "adapter", lambda d: save_adapter(
+                d, self.cfg.lora, self.plan.model_source, full))
         if self.plan.audit is not None:  # issue 8: empirical privacy audit (docs/audit.md)
             from dplora_ray.audit import run_audit
 
@@ -435,6 +464,8 @@ class _Run(RoundsMixin):
                 self.rounds_rows[-1].update(
                     {k: self.audit_summary[k] for k in R.AUDIT_ROUND_COLUMNS})
         self.write_results()
+        if self.kept_summary is not None:  # rebuilt a finished run's missing files
+            return self.kept_summary
         return self.write_summary(self.stop_reason)
 
     def write_summary(self, stop_reason: str) -> dict[str, Any]:

@@ -420,7 +420,8 @@ def compute_epsilon(events: Sequence[SampledGaussian], delta: float,
 
     Returns:
         epsilon >= 0; 0.0 for no (or only trivial) events; ``math.inf`` when some event
-        with ``steps > 0`` and ``sampling_rate > 0`` has no noise.
+        with ``steps > 0`` and ``sampling_rate > 0`` has no noise, or so little that the
+        bound overflows (a true, if useless, bound).
 
     Raises:
         PrivacyError: bad delta, accountant or event.
@@ -433,8 +434,12 @@ def compute_epsilon(events: Sequence[SampledGaussian], delta: float,
         return 0.0
     if any(ev.noise_multiplier == 0.0 for ev in merged):
         return math.inf
-    if accountant == "prv":
-        return epsilon_prv(tuple(merged), d)
     alphas = _check_orders(orders)
-    eps, _ = rdp_to_epsilon(alphas, compute_rdp(merged, alphas), d)
-    return eps
+    try:  # a vanishing multiplier (below ~1e-154) overflows the bound: no privacy at all
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            if accountant == "prv":
+                return epsilon_prv(tuple(merged), d)
+            eps, _ = rdp_to_epsilon(alphas, compute_rdp(merged, alphas), d)
+    except (OverflowError, ZeroDivisionError, FloatingPointError):
+        return math.inf
+    return eps if not math.isnan(eps) else math.inf

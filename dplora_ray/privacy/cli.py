@@ -25,6 +25,8 @@ from dplora_ray.privacy.mechanisms import DP_MODES, effective_noise_scale
 
 __all__ = ["add_parser"]
 
+#: the smallest nonzero noise multiplier accepted (as ``privacy.noise_multiplier``)
+MIN_NOISE_MULTIPLIER = 1e-6
 _STEPS_MEANING = {"dpsgd": "local steps", "paper": "local steps", "client": "rounds",
                   "local": "participations"}
 
@@ -142,6 +144,9 @@ def run_epsilon(args: argparse.Namespace) -> int:
     z = args.noise_multiplier
     if math.isnan(z) or math.isinf(z) or z < 0:
         raise ConfigError("--noise-multiplier", z, "must be a finite number >= 0")
+    if 0 < z < MIN_NOISE_MULTIPLIER:
+        raise ConfigError("--noise-multiplier", z, f"must be 0 or >= {MIN_NOISE_MULTIPLIER:g} "
+                          "(smaller noise protects nothing and cannot be accounted)")
     scale = effective_noise_scale(args.mode, train_a)
     eps = compute_epsilon([SampledGaussian(z * scale, q, steps)], delta, args.accountant)
     _report(args, epsilon=eps, noise_multiplier=z, scale=scale, q=q, steps=steps,

@@ -72,4 +72,31 @@ def plan_privacy(cfg: ExperimentConfig, parts: Sequence[np.ndarray],
                     for (q, t) in front) if front else 0.0
     planned = max((compute_epsilon([SampledGaussian(sigma * scale, q, t)], pc.delta,
                                    pc.accountant) for (q, t) in front), default=0.0)
+    _check_first_round(cfg, mech, sigma * scale, parts, cohorts)
     return PrivacyPlan(mech, sigma, sigma * scale, pc.budget, planned)
+
+
+def _check_first_round(cfg: ExperimentConfig, mech: Mechanism, z: float,
+                       parts: Sequence[np.ndarray], cohorts: Sequence[np.ndarray]) -> None:
+    """A budget (``privacy.max_epsilon``) that the first round with a client already
+    exceeds would stop the run before it trains at all: a ConfigError instead."""
+    from dplora_ray.errors import ConfigError
+    from dplora_ray.privacy.ledger import PrivacyLedger
+
+    pc = cfg.privacy
+    budget = pc.budget
+    if budget is None or pc.max_epsilon is None:  # the target itself is calibrated to fit
+        return
+    for r, cohort in enumerate(cohorts, start=1):
+        entries = mech.ledger_entries(r, cohort, z, cfg, parts)
+        if not entries:
+            continue
+        ledger = PrivacyLedger(mode=pc.mode, accountant=pc.accountant, delta=pc.delta,
+                               unit_of_privacy=mech.unit)
+        cost = ledger.epsilon_if(entries)
+        if cost > budget * (1 + 1e-9):  # the runner's guard, with its tolerance
+            raise ConfigError("privacy.max_epsilon", pc.max_epsilon,
+                              f"is below what round {r} alone costs (epsilon {cost:.4g} at "
+                              f"delta {pc.delta:g}): no round could run; raise it or the "
+                              "noise")
+        return

@@ -8,13 +8,15 @@ Invariants:
     * Every trial's config is built and validated before anything is written.
     * ``--resume`` keeps the trials that finished (an ``ok`` row, or a ``summary.json``
       that did not end in an error) and refuses a folder that holds another sweep.
+    * ``--out`` is checked writable first; ``--overwrite`` deletes only what a sweep
+      writes (:data:`~dplora_ray.outputs.SWEEP_OUTPUTS`) and refuses a folder holding
+      anything else.
     * No Ray.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,13 @@ import yaml
 
 from dplora_ray.errors import OutputError
 from dplora_ray.fileio import write_text_atomic
+from dplora_ray.outputs import (
+    SWEEP_OUTPUTS,
+    check_overwrite,
+    check_writable,
+    clear_outputs,
+    entries,
+)
 from dplora_ray.sweeps.spec import SweepSpec, TrialSpec, expand_trials
 from dplora_ray.sweeps.table import (
     STATUS,
@@ -72,14 +81,15 @@ class SweepRun:
 
 
 def check_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """``out`` may hold this sweep: empty or new, ``overwrite``, or ``resume`` with a plan.
+    """``out`` may hold this sweep: empty or new, ``overwrite`` (only a sweep's own files in
+    it), or ``resume`` with a plan; and it can be created and written.
 
     Raises:
-        OutputError: naming ``--out``.
+        OutputError: naming ``--out`` (``--overwrite`` for files a sweep did not write).
     """
     if out.exists() and not out.is_dir():
         raise OutputError("--out", str(out), "exists and is not a folder")
-    busy = out.is_dir() and any(out.iterdir())
+    busy = out.is_dir() and bool(entries(out))
     if resume:
         if not (out / PLAN_FILE).is_file():
             raise OutputError(
@@ -87,14 +97,16 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
                 str(out),
                 "has no sweep.yaml; nothing to resume (run without --resume first)",
             )
-        return
-    if busy and not overwrite:
+    elif busy and not overwrite:
         raise OutputError(
             "--out",
             str(out),
             "exists and is not empty; pass --resume to "
             "continue that sweep, --overwrite to replace it, or a new folder",
         )
+    elif busy:
+        check_overwrite(out, SWEEP_OUTPUTS, what="sweep")
+    check_writable(out, "--out")
 
 
 
@@ -159,9 +171,10 @@ def prepare_sweep(spec: SweepSpec, out_dir: str | Path, *, resume: bool = False,
                 "holds a different sweep (its trials do not "
                 "match this sweep file); use a new folder",
             )
-    elif out.exists() and overwrite:
-        shutil.rmtree(out)
+    elif overwrite:  # only what a sweep writes (check_out refused anything else)
+        clear_outputs(out, SWEEP_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "trials").mkdir(exist_ok=True)  # before concurrent trials check their folders
     write_text_atomic(out / PLAN_FILE, yaml.safe_dump(plan, sort_keys=False))
 
     trial_dirs = {t.name: out / "trials" / t.name for t in trials}

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from dplora_ray.config import ExperimentConfig, load_config
+from dplora_ray.config.yamlfile import read_yaml_file
 from dplora_ray.errors import ConfigError
 
 __all__ = [
@@ -59,6 +59,18 @@ _SWEEP_KEYS = (
 )
 _DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 _RESOURCE_KEYS = ("cpu", "gpu")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+#: the most trials one sweep may expand to (``num_samples`` included): beyond it,
+#: expanding and validating the trials alone would take hours
+MAX_TRIALS = 100_000
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite`` that also takes integers too large for a float (False)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 # ---------------------------------------------------------------- the sweep file
@@ -101,7 +113,11 @@ class Param:
             raise ConfigError(where, list(self.values), f"{self.kind} needs [low, high]")
         low, high = self.values
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
-        if not numeric or not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        if self.kind == "randint" and numeric and all(isinstance(v, int) for v in (low, high)):
+            if not (_INT64_MIN <= low and high <= _INT64_MAX):  # numpy draws int64
+                raise ConfigError(where, list(self.values),
+                                  "randint bounds must lie in [-2**63, 2**63 - 1]")
+        if not numeric or not (_finite(low) and _finite(high)) or low >= high:
             raise ConfigError(
                 where, list(self.values), f"{self.kind} needs finite numbers low < high"
             )
@@ -274,13 +290,16 @@ def _parse_param(key: Any, spec: Any) -> Param:
     return Param(key, str(kind), tuple(_normalise_value(v) for v in values))
 
 
-def _number(key: str, value: Any, *, minimum: float, integer: bool) -> Any:
+def _number(key: str, value: Any, *, minimum: float, integer: bool,
+            maximum: float | None = None) -> Any:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if integer:
         ok = ok and isinstance(value, int)
-    if not ok or not math.isfinite(value) or value < minimum:
+    if not ok or not _finite(value) or value < minimum:
         kind = "an integer" if integer else "a number"
         raise ConfigError(key, value, f"must be {kind} >= {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(key, value, f"must be <= {maximum:,}")
     return value
 
 
@@ -291,13 +310,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         ConfigError: naming the bad key (``space.lora.rr``, ``resources.tpu``...).
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("sweep", str(path), "no such file")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
-        raise ConfigError("sweep", str(path), f"is not valid YAML ({first})") from None
+    raw = read_yaml_file(p, "sweep")  # missing, binary, empty, duplicate keys...
     if not isinstance(raw, Mapping):
         raise ConfigError("sweep", str(path), "must be a YAML mapping")
     for k in raw:
@@ -350,8 +363,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
         overrides={str(k): _normalise_value(v) for k, v in overrides.items()},
         cases=cases,
         space=space,
-        num_samples=_number("num_samples", raw.get("num_samples", 1), minimum=1, integer=True),
-        seed=_number("seed", raw.get("seed", 0), minimum=0, integer=True),
+        num_samples=_number("num_samples", raw.get("num_samples", 1), minimum=1, integer=True,
+                            maximum=MAX_TRIALS),
+        seed=_number("seed", raw.get("seed", 0), minimum=0, integer=True, maximum=_INT64_MAX),
         max_concurrent_trials=mct,
         cpu=float(cpu),
         gpu=float(gpu),
@@ -403,6 +417,11 @@ def expand_trials(spec: SweepSpec) -> list[TrialSpec]:
         ConfigError: the first trial config that is invalid, naming the key.
     """
     grid = [p for p in spec.space if p.kind == "grid"]
+    count = max(1, len(spec.cases)) * math.prod(len(p.values) for p in grid) * spec.num_samples
+    if count > MAX_TRIALS:
+        raise ConfigError("num_samples", spec.num_samples,
+                          f"the sweep would have {count:,} trials (cases x grid x "
+                          f"num_samples); at most {MAX_TRIALS:,} are allowed")
     rng = np.random.default_rng(spec.seed)
     trials: list[TrialSpec] = []
     points = list(itertools.product(*[p.values for p in grid])) if grid else [()]

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from dplora_ray import results as R
 from dplora_ray.fileio import write_atomic
+from dplora_ray.outputs import finished_summary
 from dplora_ray.sweeps.spec import TrialSpec, config_value, format_value
 
 __all__ = [
@@ -253,20 +254,6 @@ class SweepTrialError(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.message,))
-
-
-def finished_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The summary of a run folder that finished (not one that ended in an error)."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if str(summary.get("stop_reason") or "error").startswith("error"):
-        return None
-    return summary
 
 
 def error_text(err: BaseException | None) -> str:
