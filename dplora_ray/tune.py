@@ -13,6 +13,10 @@ Invariants:
     * Ray's temp dir (when this module starts Ray) is a fresh temp dir, and Tune's storage
       is ``DIR/tune``; nothing goes to ``~/ray_results`` or ``/tmp/ray``.
     * Ray is imported lazily (building the CLI parser stays light).
+    * Before anything is written, Ray is started (an ``--address`` where nothing answers
+      fails within 30 s) and every trial's placement group is checked against the
+      cluster's nodes: one no node set can hold is refused (ConfigError, exit 2) instead
+      of Tune waiting for it forever.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from typing import Any
 import pandas as pd
 
 from dplora_ray.config import config_from_dict, config_to_dict
+from dplora_ray.errors import ConfigError
 from dplora_ray.fileio import one_line
-from dplora_ray.ray_runtime import WORKER_ENV_DEFAULTS, forwarded_env, start_ray
+from dplora_ray.ray_runtime import WORKER_ENV_DEFAULTS, RaySession, forwarded_env, start_ray
 from dplora_ray.sweeps.folder import SweepRun, prepare_sweep
 from dplora_ray.sweeps.spec import (
     EPSILON_KEY,
@@ -200,19 +205,62 @@ def run_sweep(
     Returns:
         The sweep table (also in ``DIR/sweep.parquet``).
     """
-    run = prepare_sweep(spec, out_dir, resume=resume, overwrite=overwrite)
-    if not run.todo:
-        return read_sweep(run.out)
+    session: RaySession | None = None
 
-    session = start_ray(address, env_address=True, num_cpus=num_cpus, temp_prefix="dplora-ray-")
+    def connect(trials: list[TrialSpec]) -> None:  # a new sweep: before anything is written
+        nonlocal session
+        if not resume:
+            session = _start_checked(spec, trials, address, num_cpus)
+
     try:
+        run = prepare_sweep(spec, out_dir, resume=resume, overwrite=overwrite,
+                            before_write=connect)
+        if not run.todo:
+            return read_sweep(run.out)
+        if session is None:
+            session = _start_checked(spec, run.todo, address, num_cpus)
         results = _fit(spec, run, verbose)
     finally:
-        session.shutdown()
+        if session is not None:
+            session.shutdown()
     for name, metrics, error in results:
         run.rows[name] = _row_from_result(run.base_rows[name], metrics, error)
     run.write()
     return read_sweep(run.out)
+
+
+def _start_checked(spec: SweepSpec, trials: list[TrialSpec], address: str | None,
+                   num_cpus: int | None) -> RaySession:
+    """Start (or join) Ray, then refuse trials whose placement group no node set can
+    ever hold (Tune would wait for them forever): a ConfigError naming the key."""
+    from dplora_ray.ray_runtime import worker_placement
+
+    session = start_ray(address, env_address=True, num_cpus=num_cpus,
+                        temp_prefix="dplora-ray-", address_key="--address")
+    try:
+        seen: set[tuple[float, ...]] = set()
+        for t in trials:
+            rt = t.config.runtime
+            n = rt.num_workers if rt.backend == "actors" else 0
+            sig = (spec.cpu, spec.gpu, n, rt.cpus_per_worker, rt.gpus_per_worker)
+            if sig in seen:
+                continue
+            seen.add(sig)
+            head = trial_resources(spec, t.config)[:1]
+            found = worker_placement(session.ray, n, rt.cpus_per_worker,
+                                     rt.gpus_per_worker, head=head)
+            if found is not None:
+                key, problem = found
+                value = (getattr(spec, key.split(".")[1]) if key.startswith("resources.")
+                         else getattr(rt, key.split(".")[1]))
+                raise ConfigError(key, value, f"trial {t.name!r} (its process: "
+                                  f"{spec.cpu:g} CPU, {spec.gpu:g} GPU; {n} worker(s) of "
+                                  f"{rt.cpus_per_worker:g} CPU, {rt.gpus_per_worker:g} GPU) "
+                                  f"can never be placed: {problem}")
+    except BaseException:
+        session.shutdown()
+        raise
+    return session
 
 
 def _fit(spec: SweepSpec, run: SweepRun, verbose: int) -> list[tuple[str, Any, Any]]:
@@ -292,8 +340,11 @@ def _fit(spec: SweepSpec, run: SweepRun, verbose: int) -> list[tuple[str, Any, A
             max_concurrent_trials=spec.max_concurrent_trials,
             trial_name_creator=lambda t: t.config["trial"]["name"],
             trial_dirname_creator=lambda t: t.config["trial"]["name"],
-            # a trial process imports torch/transformers once and runs several trials
-            reuse_actors=True,
+            # one fresh process per trial: a reused trial process grew by about 2.8 GB
+            # per SmolLM2 trial (3.7 -> 11.4 GB after 3 trials of
+            # sweeps/private_recipe.yaml, 2026-12-04), so a long sweep ran out of memory;
+            # importing torch again costs seconds against minutes per trial
+            reuse_actors=False,
         ),
         run_config=tune.RunConfig(
             name=f"run-{attempt}",
