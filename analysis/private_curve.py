@@ -4,7 +4,8 @@
 at target epsilon 1, 2, 4, 8 and inf (no privacy). This module reads each sweep folder
 with :func:`analysis.loading.load_results` and prints, per data set, a Markdown table:
 target and spent epsilon, the noise multiplier, accuracy and macro-F1 (before and after),
-the gap to the non-private trial of the same sweep, the examples processed and the wall
+the gap to the non-private trial of the same sweep (no DP minus DP, in accuracy
+points: negative where the private run scored higher), the examples processed and the wall
 time; and it draws accuracy against epsilon, one line per data set.
 
 "Examples processed" is the expected count under Poisson sampling: the sum over every
@@ -28,6 +29,7 @@ import pandas as pd
 from analysis.loading import Results, load_results
 from analysis.tables import markdown_table
 from dplora_ray import tune as S
+from dplora_ray.config import load_config
 
 __all__ = ["curve_table", "main", "plot_curves"]
 
@@ -45,6 +47,15 @@ def _examples(res: Results) -> pd.Series:
     return expected.groupby(ok["trial"]).sum()
 
 
+def _recipe(ok: pd.DataFrame) -> str:
+    """The data recipe of a sweep that does not vary it: from a trial's saved config."""
+    for folder in ok[S.TRIAL_DIR].dropna():
+        path = Path(str(folder)) / "config.yaml"
+        if path.is_file():
+            return load_config(path).data.recipe
+    return ""
+
+
 def curve_table(res: Results) -> pd.DataFrame:
     """One row per finished trial of an epsilon sweep, sorted by target epsilon."""
     ok = res.ok.copy()
@@ -57,14 +68,14 @@ def curve_table(res: Results) -> pd.DataFrame:
     examples = _examples(res)
     return pd.DataFrame(
         {
-            "data": ok[RECIPE] if RECIPE in ok else "",
+            "data": ok[RECIPE] if RECIPE in ok else _recipe(ok),
             "target epsilon": ok[TARGET],
             "epsilon spent": ok[S.EPSILON],
             "noise multiplier": ok[S.NOISE_MULTIPLIER],
             "accuracy before": ok[S.EVAL_ACCURACY_BEFORE],
             "accuracy": ok[S.EVAL_ACCURACY],
             "macro-F1": ok[S.EVAL_F1_MACRO],
-            "points below no DP": (ref_acc - ok[S.EVAL_ACCURACY]) * 100.0,
+            "no DP minus DP (points)": (ref_acc - ok[S.EVAL_ACCURACY]) * 100.0,
             "examples processed": ok[S.TRIAL].map(examples).round(0),
             "wall seconds": ok[S.WALL_SECONDS],
         }
@@ -127,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(table, formats={
             "target epsilon": "g", "epsilon spent": ".3f", "noise multiplier": ".3f",
             "accuracy before": ".3f", "accuracy": ".3f", "macro-F1": ".3f",
-            "points below no DP": ".1f", "examples processed": ".0f", "wall seconds": ".0f",
+            "no DP minus DP (points)": ".1f", "examples processed": ".0f", "wall seconds": ".0f",
         }))
         print()
     if args.plot:

@@ -4,7 +4,8 @@ Every user error (:class:`~dplora_ray.errors.DpLoraError`) ends with exit code 2
 line on stderr naming the key and the value; no traceback. A run that ends early for
 another reason (:class:`~dplora_ray.errors.RunFailedError`, e.g. a lost worker under
 ``runtime.on_client_failure=fail``, or a write that failed, e.g. on a full disk) ends with
-exit code 1 and one line.
+exit code 1 and one line. Ctrl-C (once or twice) ends with exit code 130 and one line
+(how many rounds were kept, and the ``--resume`` to continue them).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dplora_ray.privacy.cli import add_parser as add_privacy
 
     add_privacy(sub)
+    from dplora_ray.audit.modes import add_parser as add_audit
+
+    add_audit(sub, _cmd_audit)
     from dplora_ray.tune import add_parser as add_sweep
 
     add_sweep(sub)
@@ -151,23 +155,74 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _run(config, args)
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """``dplora-ray audit`` (:mod:`dplora_ray.audit.modes`): exit 3 when the audit fails."""
+    import time
+    from pathlib import Path
+
+    from dplora_ray.audit import AUDIT_FILE
+    from dplora_ray.audit.modes import AUDIT_FAILED_EXIT, run_mechanism_audit
+    from dplora_ray.config import load_config
+
+    overrides = [*args.overrides, "audit.enabled=true"]
+    if args.mode is not None:
+        overrides.append(f"audit.mode={args.mode}")
+    cfg = load_config(args.config, overrides)
+    out = args.out or str(Path("runs") / f"audit-{Path(args.config).stem}-"
+                                          f"{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.audit.mode == "blackbox":
+        from dplora_ray.federated.runner import run_experiment
+
+        summary = run_experiment(cfg, out, overwrite=args.overwrite,
+                                 progress=not args.no_progress)
+        passed = summary.get("audit_passed")
+        print(f"black-box audit: epsilon >= {summary.get('audit_epsilon_lower_bound')} vs "
+              f"{summary.get('audit_epsilon_compared')}; passed: {passed}; results: {out}")
+    else:
+        passed = run_mechanism_audit(cfg, out)["audit_passed"]
+        print(f"results: {Path(out) / AUDIT_FILE}")
+    return AUDIT_FAILED_EXIT if passed is False else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. Called without ``argv`` (the ``dplora-ray`` process itself), it
+    also takes over Ctrl-C (:mod:`dplora_ray.interrupts`): the first stops the run after
+    writing what is done, the second skips the writing; Ray is shut down and this
+    process's own child processes are ended either way; exit code 130."""
+    import signal
+
+    from dplora_ray import interrupts
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
+    own_process = argv is None
+    if own_process:
+        interrupts.install()
     try:
         return int(args.func(args) or 0)
-    except RunFailedError as exc:  # not bad input: the run itself ended early
-        print(f"dplora-ray: run failed: {exc}", file=sys.stderr)
-        return 1
-    except DpLoraError as exc:
-        print(f"dplora-ray: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a write failed mid-run (disk full...): what was done stays
-        from dplora_ray.fileio import one_line
+    except BaseException as exc:
+        if not (isinstance(exc, KeyboardInterrupt) or interrupts.interrupted()):
+            if isinstance(exc, RunFailedError):  # not bad input: the run ended early
+                print(f"dplora-ray: run failed: {exc}", file=sys.stderr)
+                return 1
+            if isinstance(exc, DpLoraError):
+                print(f"dplora-ray: error: {exc}", file=sys.stderr)
+                return 2
+            if isinstance(exc, OSError):  # a write failed mid-run: what was done stays
+                from dplora_ray.fileio import one_line
 
-        print(f"dplora-ray: run failed: {one_line(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("dplora-ray: interrupted", file=sys.stderr)
+                print(f"dplora-ray: run failed: {one_line(exc)}", file=sys.stderr)
+                return 1
+            raise
+        if own_process:  # from here on Ctrl-C is ignored: the process is ending
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            interrupts.kill_processes(interrupts.children())  # what Ray's shutdown left
+        from dplora_ray.errors import RunInterrupted
+
+        if isinstance(exc, RunInterrupted):
+            print(f"dplora-ray: interrupted; {exc.rounds_kept} round(s) kept, resume with "
+                  f"--resume {exc.out_dir}", file=sys.stderr)
+        else:
+            print("dplora-ray: interrupted", file=sys.stderr)
         return 130

@@ -19,6 +19,7 @@ __all__ = [
     "PreflightError",
     "PrivacyError",
     "RunFailedError",
+    "RunInterrupted",
 ]
 
 
@@ -76,3 +77,14 @@ class RunFailedError(DpLoraError):
     """A run ended early for a reason other than bad input (e.g. a client worker died
     under ``runtime.on_client_failure='fail'``); the results so far are written and
     ``summary.json`` says ``stop_reason: "error: ..."``. The command line exits with 1."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended a run whose folder exists: ``rounds_kept`` finished rounds are in
+    ``out_dir`` (its checkpoint), to continue with ``--resume out_dir``. The command line
+    exits with 130."""
+
+    def __init__(self, rounds_kept: int, out_dir: str) -> None:
+        super().__init__(rounds_kept, out_dir)
+        self.rounds_kept = rounds_kept
+        self.out_dir = out_dir

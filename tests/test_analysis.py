@@ -365,3 +365,26 @@ def test_base_model_parameters_from_the_config_on_the_meta_device() -> None:
 
     assert analysis.base_model_parameters("tiny-llama") == expected
     assert analysis.base_model_parameters("someorg/somemodel") is None  # hub offline
+
+
+def test_private_curve_table_and_plot(sweep_dir: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis.loading import load_results
+    from analysis.private_curve import curve_table
+    from analysis.private_curve import main as curve_main
+
+    # Execute
+    table = curve_table(load_results(sweep_dir))
+    code = curve_main([str(sweep_dir), "--plot", str(tmp_path / "curve.png")])
+
+    # Assert: finished trials with a readable folder, sorted by target epsilon
+    assert code == 0 and (tmp_path / "curve.png").stat().st_size > 0
+    assert list(table["target epsilon"]) == sorted(table["target epsilon"])
+    assert len(table) == len(GRID) - 1  # the failed trial is left out
+    ref = np.mean([final_acc(e, r, n) for e, r, n in GRID[:-1] if math.isinf(e)])
+    row = table.iloc[0]
+    assert row["no DP minus DP (points)"] == pytest.approx((ref - row["accuracy"]) * 100)
+    # 4 rounds x 3 clients x 2 steps x q 0.1 x 50 examples, where the folder is readable
+    readable = table.dropna(subset=["examples processed"])
+    assert len(readable) == len(table) - 1 and (readable["examples processed"] == 120).all()
+    assert "| target epsilon |" in capsys.readouterr().out

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from dplora_ray.config.checks import check as _check
 from dplora_ray.config.checks import count
@@ -36,6 +37,13 @@ class AuditConfig:
             non-members are the ``candidates``, also with random labels); the
             population the epsilon bound relies on.
         confidence: confidence of the epsilon lower bound.
+        mode: which audit (issue 17): ``blackbox`` (the above, after training),
+            ``whitebox`` (Dirac gradient canaries through one step of the mode's code,
+            many independent releases: :mod:`dplora_ray.audit.whitebox`) or ``one_run``
+            (Steinke et al. 2023 on one release with ``one_run_canaries`` canaries:
+            :mod:`dplora_ray.audit.one_run`). The last two plant nothing in the run.
+        releases: white-box trials per world (with and without the canary).
+        one_run_canaries: canaries of the one-run audit (each in by a fair coin).
     """
 
     enabled: bool = False
@@ -47,11 +55,15 @@ class AuditConfig:
     mia_examples: int = 100
     mia_canaries: int = 100
     confidence: float = 0.95
+    mode: Literal["blackbox", "whitebox", "one_run"] = "blackbox"
+    releases: int = 1000
+    one_run_canaries: int = 1000
 
     def __post_init__(self) -> None:
         for key in ("canaries", "mia_examples", "mia_canaries"):
             count(f"audit.{key}", getattr(self, key), low=0)
-        for key in ("repeats", "canary_clients", "candidates"):
+        for key in ("repeats", "canary_clients", "candidates", "releases",
+                    "one_run_canaries"):
             count(f"audit.{key}", getattr(self, key))
         _check(4 <= self.secret_digits <= 18, "audit.secret_digits", self.secret_digits,
                "must be in [4, 18]")

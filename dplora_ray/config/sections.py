@@ -16,6 +16,7 @@ from typing import Literal
 
 from dplora_ray.config.audit_section import AuditConfig
 from dplora_ray.config.checks import (
+    MAX_COHORT_DRAWS,
     MAX_EXAMPLES,
     MAX_SEED,
     MAX_WORKERS,
@@ -236,6 +237,11 @@ class FederationConfig:
         _check(self.clients_per_round <= self.num_clients, "federation.clients_per_round",
                self.clients_per_round,
                f"cohort larger than the population (federation.num_clients={self.num_clients})")
+        draws = self.rounds * self.num_clients
+        _check(draws <= MAX_COHORT_DRAWS, "federation.rounds", self.rounds,
+               f"times federation.num_clients={self.num_clients:,} is {draws:,} cohort "
+               f"draws, all planned up front; at most {MAX_COHORT_DRAWS:,} (a documented "
+               "limit): lower either")
         _check(math.isfinite(self.learning_rate) and self.learning_rate > 0,
                "federation.learning_rate", self.learning_rate, "must be > 0")
         finite_positive("federation.dirichlet_alpha", self.dirichlet_alpha)
@@ -346,6 +352,8 @@ class RuntimeConfig:
         num_workers: client worker actors (each holds the base model once).
         cpus_per_worker / gpus_per_worker: Ray resources per worker (fractional allowed).
         address: Ray cluster address (None: an embedded local Ray).
+        connect_timeout_s: seconds ``address`` has to answer a TCP connect before the run
+            gives up (exit 2); without it, Ray retries an unreachable address for minutes.
         torch_threads: intra-op threads per worker (None: max(1, floor(cpus_per_worker))).
         bf16_autocast: run forward/backward under bfloat16 autocast (faster on CPUs with
             bf16 support; LoRA tensors and updates stay float32).
@@ -373,6 +381,7 @@ class RuntimeConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     address: str | None = None
+    connect_timeout_s: float = 30.0
     torch_threads: int | None = None
     bf16_autocast: bool = False
     on_client_failure: Literal["retry", "drop", "fail"] = "retry"
@@ -394,6 +403,8 @@ class RuntimeConfig:
                         "must be a finite number > 0 (fractional allowed)")
         finite_positive("runtime.gpus_per_worker", self.gpus_per_worker,
                         "must be a finite number >= 0", zero_ok=True)
+        finite_positive("runtime.connect_timeout_s", self.connect_timeout_s,
+                        "must be a finite number of seconds > 0")
         if self.torch_threads is not None:
             count("runtime.torch_threads", self.torch_threads, high=MAX_WORKERS)
         if self.max_physical_batch_size is not None:

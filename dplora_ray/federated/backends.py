@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from dplora_ray.config import ExperimentConfig, config_to_dict
-from dplora_ray.errors import DpLoraError, RunFailedError
+from dplora_ray.errors import ConfigError, DpLoraError, RunFailedError
 from dplora_ray.federated.aggregator import Aggregator
 from dplora_ray.federated.client import ClientJob, ClientResult, ClientWorker
 from dplora_ray.federated.encoding import EncodedData
@@ -252,24 +252,35 @@ class ActorBackend:
     """``runtime.num_workers`` worker actors (each loads the base model once) and one
     aggregator actor, on an embedded local Ray or the cluster at ``runtime.address``.
     Actors are started once per experiment and reused for every round; a worker that
-    dies is restarted by Ray up to ``runtime.max_worker_restarts`` times."""
+    dies is restarted by Ray up to ``runtime.max_worker_restarts`` times. Workers that
+    no node of the cluster can hold are refused (ConfigError) before any is placed; an
+    embedded Ray lives in its own temp dir (``dplora-ray-*``), removed at the end."""
 
     name = "actors"
 
     def __init__(self, cfg: ExperimentConfig, data: EncodedData) -> None:
         from dplora_ray.ray_runtime import WORKER_ENV_DEFAULTS, start_ray, worker_runtime_env
 
-        session = start_ray(cfg.runtime.address or None,
-                            min_cpus=cfg.runtime.num_workers * cfg.runtime.cpus_per_worker)
+        rt = cfg.runtime
+        # an embedded Ray lives in its own temp dir: its processes are found (and killed
+        # if they outlive ray.shutdown, e.g. after a double Ctrl-C) by that name
+        session = self.session = start_ray(
+            rt.address or None, env_address=True, min_cpus=rt.num_workers * rt.cpus_per_worker,
+            fresh=True, temp_prefix="dplora-ray-", connect_timeout_s=rt.connect_timeout_s)
         ray = self.ray = session.ray
-        self.started_ray = session.started
+        self.aggregator: Any = None
+        self.workers: list[Any] = []
+        try:  # Ray would wait forever for workers no node can hold
+            _check_placement(ray, cfg)
+        except BaseException:
+            session.shutdown()
+            raise
         remote = ray.remote(RuntimeWorker).options(
             num_cpus=cfg.runtime.cpus_per_worker, num_gpus=cfg.runtime.gpus_per_worker,
             max_restarts=cfg.runtime.max_worker_restarts, max_task_retries=0,
             runtime_env=worker_runtime_env(WORKER_ENV_DEFAULTS))
         self._data_ref = ray.put(data)
         cfg_dict = config_to_dict(cfg)
-        self.aggregator: Any = None
         # the data travels as a reference nested in a list: Ray keeps it alive while the
         # driver holds it, and a restarted worker fetches it again in its __init__
         self.workers = [remote.remote(cfg_dict, [self._data_ref], i)
@@ -345,14 +356,32 @@ class ActorBackend:
         self.ray.kill(self.workers[worker], no_restart=False)  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            self.ray.kill(w)  # type: ignore[arg-type]
-        if self.aggregator is not None:
-            self.ray.kill(self.aggregator)
-            self.aggregator = None
-        self.workers = []
-        if self.started_ray:
-            self.ray.shutdown()
+        from dplora_ray import interrupts
+
+        with interrupts.shielded():  # Ctrl-C does not cut the clean-up short
+            if self.session.started and interrupts.hurry():
+                self.workers, self.aggregator = [], None  # shutting Ray down ends them
+            for w in self.workers:
+                self.ray.kill(w)  # type: ignore[arg-type]
+            if self.aggregator is not None:
+                self.ray.kill(self.aggregator)
+                self.aggregator = None
+            self.workers = []
+            self.session.shutdown()
+
+
+def _check_placement(ray: Any, cfg: ExperimentConfig) -> None:
+    """A ConfigError when the cluster can never hold the worker actors."""
+    from dplora_ray.ray_runtime import worker_placement
+
+    rt = cfg.runtime
+    found = worker_placement(ray, rt.num_workers, rt.cpus_per_worker, rt.gpus_per_worker)
+    if found is not None:
+        key, problem = found
+        raise ConfigError(key, getattr(rt, key.split(".")[1]),
+                          f"runtime.num_workers={rt.num_workers} worker(s) of "
+                          f"{rt.cpus_per_worker:g} CPU and {rt.gpus_per_worker:g} GPU each "
+                          f"can never be placed: {problem}")
 
 
 def make_backend(cfg: ExperimentConfig, data: EncodedData) -> InlineBackend | ActorBackend:

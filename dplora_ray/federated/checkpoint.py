@@ -52,6 +52,7 @@ _DATA_PARTS = {"train": "the training data", "test": "the test split",
 #: compute (docs/privacy.md); every other key, runtime.bf16_autocast,
 #: runtime.gpus_per_worker and the torch thread count included, must stay as it was
 RESUMABLE_RUNTIME_KEYS = ("runtime.backend", "runtime.num_workers", "runtime.address",
+                          "runtime.connect_timeout_s",
                           "runtime.cpus_per_worker", "runtime.on_client_failure",
                           "runtime.round_timeout_s", "runtime.max_worker_restarts",
                           "runtime.kill_worker_at_round")

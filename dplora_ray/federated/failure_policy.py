@@ -11,7 +11,8 @@
   what was done (under ``fail``, or when the retries are used up).
 
 Whatever the decision, the client was charged in the ledger when the round was
-dispatched (docs/privacy.md).
+dispatched (docs/privacy.md). :func:`stop_text` is the ``stop_reason`` of a run that an
+exception (or Ctrl-C) ended.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from __future__ import annotations
 import enum
 
 from dplora_ray.config import RuntimeConfig
+from dplora_ray.errors import RunFailedError
+from dplora_ray.fileio import one_line
 
-__all__ = ["Decision", "decide", "max_retries"]
+__all__ = ["Decision", "decide", "max_retries", "stop_text"]
 
 
 class Decision(enum.Enum):
@@ -40,3 +43,13 @@ def decide(rt: RuntimeConfig, attempt: int) -> Decision:
     if rt.on_client_failure == "drop":
         return Decision.DROP
     return Decision.FAIL
+
+
+def stop_text(exc: BaseException) -> str:
+    """``stop_reason`` (after ``error: ``) of a run that ended with ``exc``."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); continue with --resume"
+    if isinstance(exc, RunFailedError):
+        return one_line(exc)
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"

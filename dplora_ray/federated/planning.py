@@ -184,7 +184,8 @@ def plan_run(cfg: ExperimentConfig) -> RunPlan:
 
     data, loaded, source, tok = encode_experiment(cfg)
     fed = cfg.federation
-    if cfg.audit.enabled and data.task_type != "classification":
+    blackbox = cfg.audit.enabled and cfg.audit.mode == "blackbox"  # issue 17: others plant nothing
+    if blackbox and data.task_type != "classification":
         raise ConfigError("audit.enabled", True,
                           f"the privacy audit scores label words; data.task={cfg.data.task!r} "
                           f"is a {data.task_type} task")
@@ -196,7 +197,7 @@ def plan_run(cfg: ExperimentConfig) -> RunPlan:
                               alpha=fed.dirichlet_alpha, seed=cfg.seed)
     cohorts = sample_cohorts(cfg)
     audit = None
-    if cfg.audit.enabled:  # issue 8: canaries change the clients' data, so plant them first
+    if blackbox:  # issue 8: canaries change the clients' data, so plant them first
         from dplora_ray.audit import insert_canaries
 
         data, parts, audit = insert_canaries(cfg, data, parts, cohorts, source)

@@ -83,7 +83,7 @@ import torch  # noqa: F401  (tests patch runner.torch.save: the checkpoint's wri
 
 from dplora_ray import results as R
 from dplora_ray.config import ExperimentConfig, config_to_dict, save_config
-from dplora_ray.errors import OutputError, RunFailedError
+from dplora_ray.errors import OutputError, RunInterrupted
 from dplora_ray.federated.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -96,7 +96,7 @@ from dplora_ray.federated.checkpoint import (
 )
 from dplora_ray.federated.client import tensor_bytes
 from dplora_ray.federated.evaluation import eval_chunks, evaluate
-from dplora_ray.federated.failure_policy import max_retries
+from dplora_ray.federated.failure_policy import max_retries, stop_text
 from dplora_ray.federated.planning import (
     RunPlan,
     check_output,
@@ -108,7 +108,6 @@ from dplora_ray.federated.planning import (
 from dplora_ray.federated.pool import Backend, WorkerPool
 from dplora_ray.federated.progress import Progress
 from dplora_ray.federated.rounds import STOP_COMPLETED, RoundsMixin
-from dplora_ray.fileio import one_line
 from dplora_ray.outputs import (
     RUN_OUTPUTS,
     check_writable,
@@ -156,14 +155,6 @@ class _NoLedger:
     def save(self, path: Path) -> None:
         R.write_json_atomic({"mode": "none", "unit_of_privacy": None, "entries": [],
                              "protects": "nothing: privacy.mode is 'none'"}, path)
-
-
-def _stop_text(exc: BaseException) -> str:
-    """``stop_reason`` of a run that ended with ``exc``."""
-    if isinstance(exc, RunFailedError):
-        return one_line(exc)
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 # =========================================================================== the run
@@ -255,6 +246,7 @@ class _Run(RoundsMixin):
         self.wall_before = 0.0
         self.resumed_from: int | None = None
         self.folder_ready = False
+        self.rounds_kept = 0
         self.bar: Progress | None = None
         self.last_update_ref: Any = None  # CMFL's reference, this round's
         self.noise_key: NoiseKey | None = None
@@ -359,7 +351,7 @@ class _Run(RoundsMixin):
         self.before = EvalResult.from_dict(ck["eval_before"])
         self.last_eval = EvalResult.from_dict(ck["last_eval"])
         self.stop_reason = ck["stop_reason"]
-        self.done_rounds = int(ck["server_round"])
+        self.done_rounds = self.rounds_kept = int(ck["server_round"])
         self.finished = bool(ck["finished"])
         self.wall_before = float(ck["wall_seconds"])
         self.resumed_from = self.done_rounds
@@ -397,6 +389,7 @@ class _Run(RoundsMixin):
             "data_fingerprint": self.plan.fingerprint,  # resume checks the data
         }
         write_checkpoint(payload, self.out / CHECKPOINT_FILE)
+        self.rounds_kept = self.done_rounds  # what --resume continues from
 
     def write_results(self) -> None:
         R.write_rounds(self.rounds_rows, self.out / "rounds.parquet")
@@ -429,12 +422,16 @@ class _Run(RoundsMixin):
                 self.checkpoint()
             return self.finish()
         except BaseException as exc:
-            if self.folder_ready:
-                try:
-                    self.write_summary(f"error: {_stop_text(exc)}")
-                except OSError:  # e.g. the disk is full: the first error is the one to tell
-                    pass
-                remove_temp_files(self.out)
+            try:  # a second Ctrl-C skips this (what is done is in the checkpoint anyway)
+                if self.folder_ready:
+                    try:
+                        self.write_summary(f"error: {stop_text(exc)}")
+                    except OSError:  # e.g. the disk is full: the first error is the one to tell
+                        pass
+                    remove_temp_files(self.out)
+            finally:
+                if isinstance(exc, KeyboardInterrupt) and self.folder_ready:
+                    raise RunInterrupted(self.rounds_kept, str(self.out)) from None
             raise
 
     # ------------------------------------------------------------------ the end
@@ -463,6 +460,10 @@ class _Run(RoundsMixin):
             if self.rounds_rows:
                 self.rounds_rows[-1].update(
                     {k: self.audit_summary[k] for k in R.AUDIT_ROUND_COLUMNS})
+        elif self.cfg.audit.enabled:  # issue 17: white-box / one-run (dplora_ray.audit.modes)
+            from dplora_ray.audit.modes import audit_after_run
+            self.audit_summary = audit_after_run(self.cfg, self.out, self.pp, self.say,
+                                                 self.rounds_rows)
         self.write_results()
         if self.kept_summary is not None:  # rebuilt a finished run's missing files
             return self.kept_summary

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,9 +149,12 @@ def finished_rows(
 
 
 def prepare_sweep(spec: SweepSpec, out_dir: str | Path, *, resume: bool = False,
-                  overwrite: bool = False) -> SweepRun:
+                  overwrite: bool = False,
+                  before_write: Callable[[list[TrialSpec]], None] | None = None) -> SweepRun:
     """Validate every trial, check and (re)create the folder, write ``sweep.yaml`` and a
     first ``sweep.parquet`` (finished trials ``ok``, the others pending).
+    ``before_write(trials)`` runs after every check, before anything is written (the
+    Tune adapter starts Ray there and checks the trials can be placed).
 
     Raises:
         ConfigError: a trial config is invalid.
@@ -171,7 +174,9 @@ def prepare_sweep(spec: SweepSpec, out_dir: str | Path, *, resume: bool = False,
                 "holds a different sweep (its trials do not "
                 "match this sweep file); use a new folder",
             )
-    elif overwrite:  # only what a sweep writes (check_out refused anything else)
+    if before_write is not None:
+        before_write(trials)
+    if overwrite and not resume:  # only what a sweep writes (check_out refused the rest)
         clear_outputs(out, SWEEP_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trials").mkdir(exist_ok=True)  # before concurrent trials check their folders
