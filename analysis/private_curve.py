@@ -12,7 +12,8 @@ time; and it draws accuracy against epsilon, one line per data set.
 client-round of ``steps x sampling rate x the client's examples`` (``clients.parquet``),
 i.e. steps x the expected logical batch; the realised count varies around it.
 
-Usage: ``python -m analysis.private_curve SWEEP_DIR [SWEEP_DIR ...] [--plot FILE]``.
+Usage: ``python -m analysis.private_curve SWEEP_DIR[,RUN_DIR...] [...] [--plot FILE]``
+(folders joined by commas are one data set: a sweep plus runs that complete it).
 Every figure comes from the sweep folders; nothing is typed in.
 """
 
@@ -56,16 +57,17 @@ def _recipe(ok: pd.DataFrame) -> str:
     return ""
 
 
-def curve_table(res: Results) -> pd.DataFrame:
-    """One row per finished trial of an epsilon sweep, sorted by target epsilon."""
-    ok = res.ok.copy()
+def curve_table(*results: Results) -> pd.DataFrame:
+    """One row per finished trial of one or more epsilon sweeps (or single runs) of the
+    same recipe and data, sorted by target epsilon."""
+    ok = pd.concat([r.ok for r in results], ignore_index=True)
     if ok.empty:
         return pd.DataFrame()
     ok[TARGET] = ok[TARGET].astype(float).fillna(math.inf)
     ok = ok.sort_values(TARGET)
     ref = ok[ok[TARGET] == math.inf]
     ref_acc = float(ref[S.EVAL_ACCURACY].mean()) if not ref.empty else math.nan
-    examples = _examples(res)
+    examples = pd.concat([_examples(r) for r in results])
     return pd.DataFrame(
         {
             "data": ok[RECIPE] if RECIPE in ok else _recipe(ok),
@@ -117,7 +119,7 @@ def plot_curves(tables: Sequence[pd.DataFrame], path: str | Path) -> Path | None
     ax.set_title("SmolLM2-135M, the private recipe: accuracy vs ε "
                  "(one trial per point; dotted: before training)", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")
@@ -127,12 +129,14 @@ def plot_curves(tables: Sequence[pd.DataFrame], path: str | Path) -> Path | None
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.private_curve", description=__doc__)
-    p.add_argument("sweeps", nargs="+", help="sweep folders (one epsilon sweep each)")
+    p.add_argument("sweeps", nargs="+",
+                   help="one data set per argument: a sweep folder, or several sweep or "
+                        "run folders of the same recipe joined by commas")
     p.add_argument("--plot", help="write the accuracy-vs-epsilon figure here (PNG)")
     args = p.parse_args(argv)
     tables = []
     for folder in args.sweeps:
-        table = curve_table(load_results(folder))
+        table = curve_table(*(load_results(f) for f in folder.split(",")))
         tables.append(table)
         print(f"### {folder}\n")
         print(markdown_table(table, formats={
