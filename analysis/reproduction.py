@@ -7,6 +7,8 @@
 * per data set: the metric by target epsilon with the epsilon actually spent (the run's
   ledger), the noise multiplier and the relative change from the non-private run;
 * the paper's mechanism against DP-SGD at equal epsilon;
+* per data set where it ran: the DP-SGD private recipe (FFA-LoRA, ``configs/paper/
+  *_dpsgd.yaml``) at each target epsilon against the same recipe without privacy;
 * communication: bytes per client-round, per round (the cohort up and down) and in total,
   for every strategy that ran, plus full-model T-FedAvg computed from the byte formula
   the tests check against real payloads (no run).
@@ -30,7 +32,7 @@ import pandas as pd
 from analysis.tables import markdown_table
 
 __all__ = ["communication", "load_runs", "main", "mechanism_table", "plot_utility",
-           "utility_table"]
+           "recipe_table", "utility_table"]
 
 PAPER_LIVEQA = (69.4, 55.9)  # Llama-2-7B on LiveQA: no DP, epsilon = 2 (the paper)
 _ORDER = ("fpb", "tfns", "pubmedqa", "medquad", "piqa")
@@ -125,6 +127,36 @@ def utility_table(df: pd.DataFrame, recipe: str, mode: str = "paper") -> pd.Data
         f"{(v - base) / base:+.1%}" if math.isfinite(base) and base else ""
         for v in runs[metric]]
     return out.reset_index(drop=True)
+
+
+def _ffa_recipe(df: pd.DataFrame) -> pd.DataFrame:
+    """The private recipe's runs (FFA-LoRA, plain LoRA transfer; DP-SGD or no privacy)."""
+    return df[(df["strategy"] == "lora") & (df["compression"] == "none") & ~df["train_a"]
+              & df["mode"].isin(["dpsgd", "none"])]
+
+
+def recipe_table(df: pd.DataFrame, recipe: str) -> pd.DataFrame:
+    """The DP-SGD private recipe (FFA-LoRA: ``train_a`` false) by target epsilon on one
+    data set, with the accuracy difference to the same recipe without privacy in points
+    (positive: privacy costs accuracy). Empty when a data set has no such DP-SGD run."""
+    runs = _ffa_recipe(df[df["recipe"] == recipe]).sort_values("target_epsilon")
+    if (runs["mode"] != "dpsgd").all():
+        return pd.DataFrame()
+    ref = runs[runs["mode"] == "none"]
+    base = float(ref["accuracy"].iloc[0]) if not ref.empty else math.nan
+    return pd.DataFrame({
+        "target epsilon": runs["target_epsilon"],
+        "epsilon spent": runs["epsilon"],
+        "noise multiplier": runs["noise_multiplier"],
+        "rounds x local steps": [f"{int(r)} x {int(s)}" for r, s in
+                                 zip(runs["rounds"], runs["local_steps"])],
+        "accuracy before": runs["accuracy_before"],
+        "accuracy": runs["accuracy"],
+        "weighted F1": runs["f1_weighted"],
+        "macro-F1": runs["f1_macro"],
+        "no DP minus DP (points)": [round(100 * (base - v), 1) if math.isfinite(base)
+                                    else math.nan for v in runs["accuracy"]],
+    }).reset_index(drop=True)
 
 
 def mechanism_table(df: pd.DataFrame, recipe: str = "fpb") -> pd.DataFrame:
@@ -242,6 +274,15 @@ def plot_utility(df: pd.DataFrame, path: str | Path) -> Path | None:
             r = r.sort_values("target_epsilon")
             ax.plot(r["target_epsilon"], r[metric], "o-" if mode == "paper" else "s--",
                     label=f"{mode}, C={c:g}, {steps} local step(s)")
+        ffa = _ffa_recipe(df[df["recipe"] == recipe])
+        ffa_private = ffa[ffa["mode"] == "dpsgd"].sort_values("target_epsilon")
+        if not ffa_private.empty and not generation:
+            ax.plot(ffa_private["target_epsilon"], ffa_private[metric], "D-", color="C3",
+                    label="DP-SGD private recipe (FFA)")
+            ffa_ref = ffa[ffa["mode"] == "none"]
+            if not ffa_ref.empty:
+                ax.axhline(float(ffa_ref[metric].iloc[0]), color="C3", ls="-.", lw=1,
+                           label="private recipe, no DP")
         ref = runs[runs["mode"] == "none"]
         if not ref.empty:
             ax.axhline(float(ref[metric].iloc[0]), color="k", ls="--", lw=1, label="no DP")
@@ -278,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = utility_table(df, recipe)
         if not t.empty:
             parts.append(f"### {recipe}\n\n{markdown_table(t, fmt)}")
+        t = recipe_table(df, recipe)
+        if not t.empty:
+            parts.append(f"### {recipe}: the DP-SGD private recipe (FFA-LoRA)\n\n"
+                         f"{markdown_table(t, fmt)}")
     mech = mechanism_table(df)
     if not mech.empty:
         parts.append(f"### paper mechanism vs DP-SGD (fpb)\n\n{markdown_table(mech, fmt)}")

@@ -17,6 +17,10 @@ Modules, one per benchmark:
   vs off (``audit_cost_fraction``; target < 0.20).
 * :mod:`benchmarks.gpu`: fractional ``gpus_per_worker`` (measured only where a GPU is).
 
+Run on their own (not part of ``python -m benchmarks``): :mod:`benchmarks.physical_batch`
+(logical vs physical batch) and :mod:`benchmarks.resources_check` (a worker's peak RSS
+by base dtype and gradient checkpointing against ``dplora-ray resources``, issue 18).
+
 Figures, command and machine of the last full run: docs/benchmarks.md.
 """
 

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     from analysis.cli import add_parser as add_analyze
 
     add_analyze(sub)
+    from dplora_ray.resources import add_parser as add_resources
+
+    add_resources(sub)
     return parser
 
 

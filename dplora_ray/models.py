@@ -14,20 +14,19 @@ Invariants:
     * LoRA initialisation is a function of the seed only; it never touches the global
       RNG state of the caller (``torch.random.fork_rng``).
     * LoRA state dicts use PEFT's file keys (``...q_proj.lora_A.weight``, no adapter
-      name) and are loaded with an exact key check (peft's own loader ignores wrong keys
-      silently).
+      name), as ``peft.get_peft_model_state_dict`` names them, and are loaded with
+      ``peft.set_peft_model_state_dict`` after an exact key and shape check (peft's own
+      loader ignores wrong keys silently).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +61,14 @@ def cache_root() -> Path:
     return Path(root)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Inter-process lock (workers may prepare the same cache folder at once)."""
+def _locked(path: Path) -> Any:
+    """Inter-process lock on ``<path>.lock`` (workers may prepare the same cache folder at
+    once): a blocking ``filelock.FileLock`` (``flock`` on Unix, the same lock file as
+    before, so older processes and newer ones exclude each other)."""
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(str(path) + ".lock")
 
 
 def _atomic_build(target: Path, build) -> Path:
@@ -200,18 +197,24 @@ def prepare_model(cfg: ModelConfig) -> str:
     return name
 
 
-def load_base_model(cfg: ModelConfig) -> tuple[Any, Any]:
-    """Load the frozen base model (float32, eval mode) and its tokenizer.
-
-    The tokenizer pads on the right and always has a pad token.
+def load_base_model(cfg: ModelConfig, device: torch.device | None = None
+                    ) -> tuple[Any, Any]:
+    """Load the frozen base model (in ``model.dtype``, quantised on ``device`` when
+    ``model.quantization`` asks for it: :mod:`dplora_ray.hardware`; eval mode) and its
+    tokenizer. The tokenizer pads on the right and always has a pad token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dplora_ray.hardware import check_worker_support, load_kwargs
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_worker_support(cfg, device)  # before any weight is read
     source = prepare_model(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
         model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision,
-                                                     dtype=torch.float32)
+                                                     **load_kwargs(cfg, device))
     except Exception as exc:  # noqa: BLE001 - files, shapes, formats: the model is bad
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
@@ -262,24 +265,64 @@ def build_lora_model(base: Any, lora: LoraSection, seed: int) -> Any:
     return model
 
 
-def _file_key(param_name: str) -> str:
-    return param_name.replace(f".{_ADAPTER_NAME}.", ".")
+def _peft_model(model: Any) -> Any:
+    """``model`` when it is a PeftModel; a TypeError naming the fix for anything else
+    (peft's state-dict functions need the PeftModel, not Opacus' ``GradSampleModule``)."""
+    if not hasattr(model, "peft_config"):
+        inner = getattr(model, "_module", None)
+        hint = (": pass the wrapped PeftModel (grad_sample_module._module)"
+                if inner is not None and hasattr(inner, "peft_config") else "")
+        raise TypeError(f"expected a PeftModel, got {type(model).__name__}{hint}")
+    return model
+
+
+def lora_param_items(model: Any) -> list[tuple[str, Any]]:
+    """``(PEFT file key, parameter)`` of every LoRA parameter of ``model`` (a PeftModel),
+    in sorted key order; the parameters are the model's own (live) tensors.
+
+    Which tensors belong to the adapter and what file key each gets (the adapter name
+    removed: ``...q_proj.lora_A.weight``) is decided by ``peft.get_peft_model_state_dict``,
+    the function ``save_pretrained`` uses, given the model's parameters themselves as
+    the state dict so that it hands them back unchanged (checked: a copy would detach
+    the training views from the model)."""
+    from peft import get_peft_model_state_dict
+
+    # only names holding the tuner's prefix ("lora_") can be adapter tensors; peft then
+    # selects among them structurally (fewer keys: its filter is quadratic-ish)
+    prefix = getattr(_peft_model(model).base_model, "prefix", "")
+    named = {n: p for n, p in model.named_parameters() if prefix in n}
+    state = get_peft_model_state_dict(model, state_dict=named, adapter_name=_ADAPTER_NAME,
+                                      save_embedding_layers=False)
+    live = {id(p) for p in named.values()}
+    if any(id(v) not in live for v in state.values()):
+        raise RuntimeError("peft.get_peft_model_state_dict returned copies instead of the "
+                           "model's LoRA parameters (unsupported peft version?)")
+    return sorted(state.items())
 
 
 def lora_state(model: Any, trainable_only: bool) -> dict[str, torch.Tensor]:
     """LoRA tensors of ``model`` (a PeftModel, not an Opacus wrapper), keyed by PEFT file
-    keys, as detached float32 CPU copies in sorted key order."""
-    out = {}
-    for name, p in model.named_parameters():
-        if "lora_" not in name or (trainable_only and not p.requires_grad):
-            continue
-        out[_file_key(name)] = p.detach().to("cpu", torch.float32).clone()
-    return dict(sorted(out.items()))
+    keys (see :func:`lora_param_items`), as detached float32 CPU copies in sorted key
+    order; ``trainable_only``: only those that require grad (FFA: B only)."""
+    return {k: p.detach().to("cpu", torch.float32).clone()
+            for k, p in lora_param_items(model) if p.requires_grad or not trainable_only}
 
 
-def lora_param_items(model: Any) -> list[tuple[str, Any]]:
-    """``(PEFT file key, parameter)`` of every LoRA parameter of ``model``."""
-    return [(_file_key(n), p) for n, p in model.named_parameters() if "lora_" in n]
+def _checked_tensors(params: Mapping[str, Any], state: Mapping[str, Any],
+                     what: str) -> dict[str, torch.Tensor]:
+    """``state`` as tensors, after checking every key and shape (see
+    :func:`load_state_inplace`)."""
+    unexpected = [k for k in state if k not in params]
+    if unexpected:
+        raise ValueError(f"{what} state has keys the model lacks: {unexpected[:3]}")
+    tensors = {}
+    for key, value in state.items():  # check everything before copying anything
+        t = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
+        if tuple(t.shape) != tuple(params[key].shape):
+            raise ValueError(f"{what} tensor {key}: shape {tuple(t.shape)} != "
+                             f"{tuple(params[key].shape)}")
+        tensors[key] = t
+    return tensors
 
 
 def load_state_inplace(params: Mapping[str, Any], state: Mapping[str, Any],
@@ -292,25 +335,37 @@ def load_state_inplace(params: Mapping[str, Any], state: Mapping[str, Any],
             of ``params`` missing from ``state`` are left untouched: FFA's frozen A is
             not sent.)
     """
-    unexpected = [k for k in state if k not in params]
-    if unexpected:
-        raise ValueError(f"{what} state has keys the model lacks: {unexpected[:3]}")
-    tensors = {}
-    for key, value in state.items():  # check everything before copying anything
-        t = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
-        if tuple(t.shape) != tuple(params[key].shape):
-            raise ValueError(f"{what} tensor {key}: shape {tuple(t.shape)} != "
-                             f"{tuple(params[key].shape)}")
-        tensors[key] = t
+    tensors = _checked_tensors(params, state, what)
     with torch.no_grad():
         for key, t in tensors.items():
             params[key].copy_(t.to(params[key].dtype))
 
 
 def load_lora_state_inplace(model: Any, state: Mapping[str, Any]) -> None:
-    """Copy ``state`` (PEFT file keys -> tensors/arrays) into ``model``'s LoRA params;
-    see :func:`load_state_inplace`."""
-    load_state_inplace(dict(lora_param_items(model)), state)
+    """Copy ``state`` (PEFT file keys -> tensors/arrays) into ``model``'s LoRA params
+    with ``peft.set_peft_model_state_dict``, after the exact key and shape check of
+    :func:`load_state_inplace` (peft's loader skips unknown keys silently and copies the
+    rest before failing on a shape); a partial state (FFA: B only) leaves the other
+    tensors as they are.
+
+    Raises:
+        ValueError: a key of ``state`` is not a LoRA file key of ``model`` (an
+            in-memory name with the adapter name is not one), or a shape differs.
+    """
+    from peft import set_peft_model_state_dict
+
+    params = dict(lora_param_items(model))
+    tensors = {k: t.to(params[k].dtype)
+               for k, t in _checked_tensors(params, state, "LoRA").items()}
+    if not tensors:
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    with torch.no_grad():
+        result: Any = set_peft_model_state_dict(model, tensors, adapter_name=_ADAPTER_NAME)
+    skipped = set(result.missing_keys) & {names[id(params[k])] for k in tensors}
+    if result.unexpected_keys or skipped:  # cannot happen after the check above
+        raise RuntimeError(f"peft did not load the LoRA state as given (unexpected "
+                           f"{list(result.unexpected_keys)[:3]}, not loaded {sorted(skipped)[:3]})")
 
 
 def save_full_model(out_dir: str | Path, model_cfg: ModelConfig,

@@ -44,13 +44,16 @@ __all__ = [
 
 #: what ``dplora-ray analyze DIR`` adds to a run or sweep folder (analysis/report.py)
 _REPORT = ("report.md", "plots")
+#: what the ``tracking`` config section adds (dplora_ray/tracking/)
+_TRACKING = ("tracking.json", "tensorboard")
 #: every entry a run writes in its folder (results.py, federated/checkpoint.py,
 #: audit/report.py, the runner's adapter/model folders)
 RUN_OUTPUTS = frozenset({
     "config.yaml", "rounds.parquet", "clients.parquet", "summary.json", "ledger.json",
-    "checkpoint.pt", "adapter", "model", "audit.json", *_REPORT})
+    "checkpoint.pt", "adapter", "model", "audit.json", *_REPORT, *_TRACKING})
 #: every entry a sweep writes in its folder (sweeps/folder.py, sweeps/table.py, tune.py)
-SWEEP_OUTPUTS = frozenset({"sweep.yaml", "sweep.parquet", "trials", "tune", *_REPORT})
+SWEEP_OUTPUTS = frozenset({"sweep.yaml", "sweep.parquet", "trials", "tune", *_REPORT,
+                           "tracking.json"})
 
 _TMP = ".tmp"
 _PROBE = "dplora-ray-probe"

@@ -17,6 +17,12 @@ Invariants:
       fails within 30 s) and every trial's placement group is checked against the
       cluster's nodes: one no node set can hold is refused (ConfigError, exit 2) instead
       of Tune waiting for it forever.
+    * Tracking (the ``tracking`` section, :mod:`dplora_ray.tracking`): every trial reports
+      each round to Tune (``result["round"]``, step ``timesteps_total`` = the round), so
+      Tune's own loggers (its TensorBoard logger in ``DIR/tune``) see the rounds; a
+      trial's runner writes its own TensorBoard folder; MLflow is Tune's
+      ``MLflowLoggerCallback`` on the driver, one run per trial
+      (:mod:`dplora_ray.tracking.tune_mlflow`). All trials share one MLflow store.
 """
 
 from __future__ import annotations
@@ -146,6 +152,7 @@ def _trainable(config: dict[str, Any], *, payload: Mapping[str, Any]) -> None:
     from ray import tune
 
     from dplora_ray import run_experiment
+    from dplora_ray.tracking import Tracker, round_report
 
     name = config["trial"]["name"]
     job = payload["trials"][name]
@@ -165,15 +172,24 @@ def _trainable(config: dict[str, Any], *, payload: Mapping[str, Any]) -> None:
                 log.flush()
 
             try:
+                # every round to Tune (the checkpoint's first): Tune's loggers and the
+                # driver's MLflow callback take them; MLflow is the driver's alone
+                tracker = Tracker(cfg, out, say, mlflow=False,
+                                  on_round=lambda row: tune.report(round_report(row)))
                 # continue a trial killed mid-run from its last round checkpoint
-                summary = run_experiment(cfg, out, resume=True, progress=False, log=say)
+                summary = run_experiment(cfg, out, resume=True, progress=False, log=say,
+                                         tracker=tracker)
             except Exception as exc:  # recorded as this trial's error; the sweep goes on
                 say(f"FAILED: {exc!r}")
                 raise SweepTrialError(one_line(exc)) from None
+    elif (out / "rounds.parquet").is_file():  # its rounds again, for what missed them
+        for row in pd.read_parquet(out / "rounds.parquet").to_dict("records"):
+            tune.report(round_report(row))
     metrics = {k: summary.get(k) for k in SUMMARY_COLUMNS}
     metrics = {k: v for k, v in metrics.items() if v is not None}
     metrics[TRIAL_DIR] = str(out)
     metrics["summary_json"] = json.dumps({k: summary.get(k) for k in SUMMARY_COLUMNS})
+    metrics["timesteps_total"] = summary.get(ROUNDS_COMPLETED)  # the step of the last round
     tune.report(metrics)
 
 
@@ -209,6 +225,7 @@ def run_sweep(
 
     def connect(trials: list[TrialSpec]) -> None:  # a new sweep: before anything is written
         nonlocal session
+        _check_tracking(trials)
         if not resume:
             session = _start_checked(spec, trials, address, num_cpus)
 
@@ -216,6 +233,11 @@ def run_sweep(
         run = prepare_sweep(spec, out_dir, resume=resume, overwrite=overwrite,
                             before_write=connect)
         if not run.todo:
+            callback = _mlflow_callback(run)
+            if callback is not None:  # finished trials missing from MLflow, if any
+                from dplora_ray.tracking.tune_mlflow import sync_finished
+
+                callback._guard(lambda: sync_finished(callback, list(run.trial_dirs)))
             return read_sweep(run.out)
         if session is None:
             session = _start_checked(spec, run.todo, address, num_cpus)
@@ -227,6 +249,39 @@ def run_sweep(
         run.rows[name] = _row_from_result(run.base_rows[name], metrics, error)
     run.write()
     return read_sweep(run.out)
+
+
+def _check_tracking(trials: list[TrialSpec]) -> None:
+    """Before anything is written: the trials share one MLflow store and experiment (the
+    driver logs them), and the tracking packages are here (ConfigError otherwise)."""
+    from dplora_ray.tracking import check_tracking
+
+    first = trials[0].config.tracking
+    for t in trials[1:]:
+        tr = t.config.tracking
+        for key in ("mlflow_uri", "mlflow_experiment"):
+            if getattr(tr, key) != getattr(first, key):
+                raise ConfigError(f"tracking.{key}", getattr(tr, key),
+                                  f"differs between trials {trials[0].name!r} "
+                                  f"({getattr(first, key)!r}) and {t.name!r}: a sweep logs "
+                                  "to one MLflow experiment")
+    check_tracking(first)
+    for t in trials:
+        check_tracking(t.config.tracking, mlflow=False)
+
+
+def _mlflow_callback(run: SweepRun) -> Any:
+    """Tune's MLflow callback for ``run``'s trials (None without tracking.mlflow_uri)."""
+    tracking = run.trials[0].config.tracking
+    if tracking.mlflow_uri is None:
+        return None
+    from dplora_ray.tracking.tune_mlflow import SweepMLflowCallback
+
+    todo = {t.name for t in run.todo}
+    return SweepMLflowCallback(
+        tracking, run.out,
+        {t.name: (config_to_dict(t.config), run.trial_dirs[t.name]) for t in run.trials},
+        done=[t.name for t in run.trials if t.name not in todo])
 
 
 def _start_checked(spec: SweepSpec, trials: list[TrialSpec], address: str | None,
@@ -350,7 +405,7 @@ def _fit(spec: SweepSpec, run: SweepRun, verbose: int) -> list[tuple[str, Any, A
             name=f"run-{attempt}",
             storage_path=str(out / "tune"),
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            callbacks=[_RowWriter()],
+            callbacks=[_RowWriter(), *[c for c in [_mlflow_callback(run)] if c is not None]],
             verbose=min(verbose, 1),
             progress_reporter=reporter,
         ),

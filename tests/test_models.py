@@ -239,6 +239,45 @@ def test_load_lora_state_rejects_a_wrong_shape() -> None:
     assert torch.equal(lora_state(model, trainable_only=False)[key], before)
 
 
+def test_load_lora_state_copies_nothing_when_a_later_shape_is_wrong() -> None:
+    # Prepare: every key right but the last one's shape
+    model = _lora()
+    before = lora_state(model, trainable_only=False)
+    new = _random_like(before, seed=7)
+    last = list(new)[-1]
+    new[last] = torch.ones(3, 3)
+
+    # Execute
+    with pytest.raises(ValueError, match="shape"):
+        load_lora_state_inplace(model, new)
+
+    # Assert: peft's loader was never reached
+    after = lora_state(model, trainable_only=False)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_lora_param_items_are_the_live_parameters() -> None:
+    from dplora_ray.models import lora_param_items
+
+    model = _lora(FFA)
+    items = lora_param_items(model)
+    live = {id(p) for _, p in model.named_parameters()}
+    assert [k for k, _ in items] == _expected_keys(("lora_A", "lora_B"))
+    assert all(id(p) in live for _, p in items)
+    assert [k for k, p in items if p.requires_grad] == _expected_keys(("lora_B",))
+
+
+def test_lora_state_refuses_the_opacus_wrapper() -> None:
+    from opacus import GradSampleModule
+
+    model = _lora()
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    with pytest.raises(TypeError, match=r"grad_sample_module\._module"):
+        lora_state(wrapped, trainable_only=False)
+    assert list(lora_state(wrapped._module, trainable_only=False)) == _expected_keys(
+        ("lora_A", "lora_B"))
+
+
 # --------------------------------------------------------------------------- adapters
 @pytest.mark.parametrize("lora", [LORA, FFA], ids=["lora", "ffa"])
 def test_saved_adapter_loads_with_peft(tmp_path: Path, lora: LoraSection) -> None:

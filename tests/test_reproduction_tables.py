@@ -20,6 +20,7 @@ RUNS = {
     "dpsgd_eps2": ["privacy.mode=dpsgd", "privacy.target_epsilon=2"],
     "none": ["privacy.mode=none"],
     "ffa": ["privacy.mode=none", "lora.train_a=false"],
+    "ffa_dpsgd_eps2": ["privacy.mode=dpsgd", "privacy.target_epsilon=2", "lora.train_a=false"],
     "ternary": ["privacy.mode=none", "federation.compression=ternary"],
     "full": ["privacy.mode=none", "federation.strategy=full"],
 }
@@ -60,6 +61,21 @@ def test_mechanism_table_pairs_modes_at_equal_epsilon(runs: Path) -> None:
     assert (t["target epsilon"] == 2.0).all()
 
 
+def test_recipe_table_compares_the_ffa_recipe_with_itself_without_privacy(runs: Path) -> None:
+    df = REP.load_runs(runs)
+    t = REP.recipe_table(df, "synthetic")
+    assert list(t["target epsilon"]) == [2.0, math.inf]
+    by_run = df.set_index("run")
+    private, ref = by_run.loc["ffa_dpsgd_eps2"], by_run.loc["ffa"]
+    assert t["epsilon spent"].iloc[0] == private["epsilon"]
+    assert t["no DP minus DP (points)"].iloc[0] == round(
+        100 * (ref["accuracy"] - private["accuracy"]), 1)
+    assert t["no DP minus DP (points)"].iloc[1] == 0.0
+    assert list(t["rounds x local steps"]) == ["2 x 3", "2 x 3"]
+    # the paper-setting runs (A and B trained) are not the recipe's
+    assert REP.recipe_table(df[df["run"] != "ffa_dpsgd_eps2"], "synthetic").empty
+
+
 def test_communication_table_bytes_match_the_run_files(runs: Path) -> None:
     t = REP.communication(REP.load_runs(runs), "synthetic", paper_rounds=50).set_index(
         "strategy")
@@ -83,5 +99,6 @@ def test_cli_prints_tables_and_writes_the_plot(runs: Path, tmp_path: Path,
     out = capsys.readouterr().out
     assert "### communication (fpb)" not in out  # no fpb runs here
     assert "### synthetic" in out and "### runs" in out and md.read_text().strip() == out.strip()
+    assert "### synthetic: the DP-SGD private recipe (FFA-LoRA)" in out
     assert png.stat().st_size > 5000
     assert REP.main([str(tmp_path / "empty")]) == 2

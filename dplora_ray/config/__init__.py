@@ -1,10 +1,10 @@
 """Typed, validated experiment configuration.
 
-One frozen dataclass per concern (model, lora, data, federation, privacy, runtime) plus
-``seed``. Every value is checked when the dataclass is constructed; a bad value raises
-:class:`~dplora_ray.errors.ConfigError` naming the dotted key and the value. Configs are
-loaded from YAML with ``key=value`` overrides (``--set`` on the command line), and the
-resolved config is written next to the results (:func:`config_to_dict`).
+One frozen dataclass per concern (model, lora, data, federation, privacy, runtime, audit,
+tracking) plus ``seed``. Every value is checked when the dataclass is constructed; a bad
+value raises :class:`~dplora_ray.errors.ConfigError` naming the dotted key and the value.
+Configs are loaded from YAML with ``key=value`` overrides (``--set`` on the command line),
+and the resolved config is written next to the results (:func:`config_to_dict`).
 
 Invariants:
     * A constructed :class:`ExperimentConfig` is valid on its own (cross-field checks
@@ -34,6 +34,7 @@ from dplora_ray.config.sections import (
     PrivacyConfig,
     PrivacyMode,
     RuntimeConfig,
+    TrackingConfig,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "PrivacyConfig",
     "PrivacyMode",
     "RuntimeConfig",
+    "TrackingConfig",
     "all_keys",
     "apply_overrides",
     "config_from_dict",

@@ -1,7 +1,8 @@
 """The config sections: one frozen dataclass per concern, validated on construction.
 
 :class:`ModelConfig`, :class:`LoraSection`, :class:`DataConfig`, :class:`FederationConfig`,
-:class:`PrivacyConfig`, :class:`RuntimeConfig`, :class:`AuditConfig` and the whole
+:class:`PrivacyConfig`, :class:`RuntimeConfig`, :class:`AuditConfig`,
+:class:`TrackingConfig` and the whole
 :class:`ExperimentConfig` (cross-field checks included), plus :data:`SECTIONS` (section
 name -> dataclass). A bad value raises :class:`~dplora_ray.errors.ConfigError` naming the
 dotted key and the value.
@@ -25,6 +26,8 @@ from dplora_ray.config.checks import (
     finite_positive,
     positive_int,
 )
+from dplora_ray.config.model_section import ModelConfig, check_model_placement
+from dplora_ray.config.tracking_section import TrackingConfig
 
 __all__ = [
     "SECTIONS",
@@ -37,6 +40,7 @@ __all__ = [
     "PrivacyConfig",
     "PrivacyMode",
     "RuntimeConfig",
+    "TrackingConfig",
 ]
 
 PrivacyMode = Literal["none", "dpsgd", "paper", "client", "local"]
@@ -46,26 +50,6 @@ _check, _positive_int = check, positive_int
 #: the smallest nonzero privacy.noise_multiplier: below it the accountants overflow, and
 #: such noise protects nothing (the calibration never goes below it either)
 MIN_NOISE_MULTIPLIER = 1e-6
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The frozen base model.
-
-    Attributes:
-        name: a preset (``smollm2-135m``, ``tiny-llama``), a local directory holding a
-            Hugging Face checkpoint, or a Hugging Face hub id.
-        max_length: prompts are truncated (from the left) to this many tokens.
-        revision: hub revision when ``name`` is a hub id.
-    """
-
-    name: str = "tiny-llama"
-    max_length: int = 128
-    revision: str | None = None
-
-    def __post_init__(self) -> None:
-        _check(bool(self.name.strip()), "model.name", self.name, "must not be empty")
-        _check(self.max_length >= 8, "model.max_length", self.max_length, "must be >= 8")
 
 
 @dataclass(frozen=True)
@@ -428,6 +412,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -445,6 +430,7 @@ class ExperimentConfig:
                f"not {self.privacy.mode!r}")
         _check(self.federation.strategy == "lora" or not self.audit.enabled,
                "audit.enabled", True, "the privacy audit needs federation.strategy=lora")
+        check_model_placement(self.model, self.runtime, self.federation)
         kill = self.runtime.kill_worker_at_round
         if kill is not None:
             _check(kill <= self.federation.rounds, "runtime.kill_worker_at_round", kill,
@@ -459,4 +445,5 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
     "runtime": RuntimeConfig,
     "audit": AuditConfig,
+    "tracking": TrackingConfig,
 }

@@ -8,9 +8,10 @@ evaluations. It is written whole or not at all (:func:`dplora_ray.fileio.write_a
 
 :func:`resume_point` validates a folder to resume; :func:`compare_configs` refuses any
 config key that would change what the resumed rounds compute
-(:data:`RESUMABLE_RUNTIME_KEYS` may change); :func:`check_data` refuses data that changed
-underneath the run (the checkpoint holds content hashes of the encoded training data, the
-test split and the client partition, :func:`~dplora_ray.federated.planning.data_fingerprint`).
+(:data:`RESUMABLE_RUNTIME_KEYS` and ``tracking.*`` may change); :func:`check_data`
+refuses data that changed underneath the run (the checkpoint holds content hashes of the
+encoded training data, the test split and the client partition,
+:func:`~dplora_ray.federated.planning.data_fingerprint`).
 A v2 checkpoint (no data fingerprint) cannot be continued: the data it was trained on
 cannot be checked; a finished v2 run with all its result files still resumes (to nothing).
 """
@@ -48,14 +49,19 @@ CHECKPOINT_FORMAT_V2 = "dplora_ray.checkpoint/v2"
 #: the parts of a data fingerprint, in the order a message names them
 _DATA_PARTS = {"train": "the training data", "test": "the test split",
                "partition": "the client partition"}
-#: runtime keys a resumed run may change: where and how clients run, never what they
-#: compute (docs/privacy.md); every other key, runtime.bf16_autocast,
-#: runtime.gpus_per_worker and the torch thread count included, must stay as it was
+#: keys a resumed run may change: where and how clients run, never what they compute
+#: (docs/privacy.md); every other key, runtime.bf16_autocast, runtime.gpus_per_worker,
+#: model.dtype, model.quantization and the torch thread count included, must stay as it
+#: was. model.gradient_checkpointing only trades memory for time: the recomputed forward
+#: is the same, and the updates were measured bitwise equal with and without it
+#: (tests/test_gradient_checkpointing.py)
 RESUMABLE_RUNTIME_KEYS = ("runtime.backend", "runtime.num_workers", "runtime.address",
                           "runtime.connect_timeout_s",
                           "runtime.cpus_per_worker", "runtime.on_client_failure",
                           "runtime.round_timeout_s", "runtime.max_worker_restarts",
-                          "runtime.kill_worker_at_round")
+                          "runtime.kill_worker_at_round", "model.gradient_checkpointing")
+#: every ``tracking.*`` key may change too: tracking only records what was computed
+RESUMABLE_PREFIX = "tracking."
 
 
 def plain(obj: Any) -> Any:
@@ -177,7 +183,7 @@ def compare_configs(saved: ExperimentConfig, given: ExperimentConfig, run_dir: P
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue
-        if key in RESUMABLE_RUNTIME_KEYS:
+        if key in RESUMABLE_RUNTIME_KEYS or key.startswith(RESUMABLE_PREFIX):
             changed_runtime.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
             continue
         why = " (it changes what is computed)" if key.startswith("runtime.") else ""

@@ -54,6 +54,11 @@ from dplora_ray.federated.compression import cmfl_should_upload, ternary_encode
 from dplora_ray.federated.encoding import EncodedData
 from dplora_ray.federated.local_training import LocalTraining
 from dplora_ray.federated.wire import TRANSFER_DTYPES, PackedUpdate, tensor_bytes
+from dplora_ray.hardware import (
+    check_lora_float32,
+    enable_gradient_checkpointing,
+    grad_sample_module,
+)
 from dplora_ray.models import (
     build_lora_model,
     load_base_model,
@@ -132,17 +137,26 @@ class ClientWorker(LocalTraining):
         torch.set_num_threads(rt.threads)
         use_cuda = rt.gpus_per_worker > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
-        base, _ = load_base_model(self.cfg.model)
+        if self.device.type == "cuda":  # refuse a GPU share that cannot hold the worker
+            from dplora_ray.resources import check_worker_fits
+
+            check_worker_fits(self.cfg, self.device)
+        base, _ = load_base_model(self.cfg.model, self.device)
+        quantized = self.cfg.model.quantization != "none"  # placed at load, cannot move
         # federation.strategy=full (Vanilla FL): no adapter, every weight trains and travels
         self.full = self.cfg.federation.strategy == "full"
         if self.full:
             base.requires_grad_(True)
-            self.model = base.to(self.device)
+            self.model = base if quantized else base.to(self.device)
             self._init_state = {k: p.detach().to("cpu", torch.float32).clone()
                                 for k, p in self._named_lora()}
         else:
-            self.model = build_lora_model(base, self.cfg.lora, seed=self.cfg.seed).to(self.device)
+            model = build_lora_model(base, self.cfg.lora, seed=self.cfg.seed)
+            self.model = model if quantized else model.to(self.device)
+            check_lora_float32(self.model)  # whatever model.dtype: exact clipping, noise
             self._init_state = lora_state(self.model, trainable_only=False)
+        if self.cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(self._base())
         self._params = {k: p for k, p in self._named_lora() if p.requires_grad}
         self.mech = get_mechanism(self.cfg.privacy.mode)
         self._paper_groups: tuple[list[str], list[str]] | None = None
@@ -151,10 +165,8 @@ class ClientWorker(LocalTraining):
         self.choices = data.train.choices
         self.autocast = rt.bf16_autocast
         self.gsm = None
-        if self.mech.local_training == "dpsgd":
-            from opacus import GradSampleModule
-
-            self.gsm = GradSampleModule(self.model, batch_first=True, loss_reduction="mean")
+        if self.mech.local_training == "dpsgd":  # its hooks survive the checkpointing
+            self.gsm = grad_sample_module(self.model)
 
     # ----------------------------------------------------------------- helpers
     def _named_lora(self):

@@ -71,6 +71,7 @@ class RoundsMixin:
     ledger: Any
     noise_key: Any
     aggregator: Any
+    tracker: Any  # dplora_ray.tracking.Tracker
     bar: Any
     down_bytes: int
     last_eval: EvalResult
@@ -156,6 +157,7 @@ class RoundsMixin:
         self.done_rounds = r
         self.checkpoint()  # first the checkpoint, then the files it can rebuild
         self.write_results()
+        self.tracker.log_rounds(self.rounds_rows)  # then TensorBoard, MLflow, Ray Tune
         shown = ({"rougeL": fmt(self.last_eval.rouge_l)}
                  if self.plan.data.task_type == "generation"
                  else {"acc": fmt(self.last_eval.accuracy)})

@@ -11,8 +11,11 @@ Order of work, so that bad input never leaves a half-written folder:
    workers) -> charge the ledger -> gather (failures and late clients handled by
    ``runtime.on_client_failure`` / ``runtime.round_timeout_s``) -> aggregate (on the
    aggregator) -> evaluate -> checkpoint -> write ``rounds.parquet`` /
-   ``clients.parquet`` / ``ledger.json`` (each atomically);
-4. write the adapter, ``summary.json``.
+   ``clients.parquet`` / ``ledger.json`` (each atomically) -> log the round to the
+   trackers of the ``tracking`` section (:mod:`dplora_ray.tracking`);
+4. write the adapter, ``summary.json`` and, from the same values, the adapter's
+   privacy model card (``adapter/README.md``, :mod:`dplora_ray.model_card`); then
+   the trackers' artifacts and tags.
 
 An exception after the folder exists (a worker failure under ``on_client_failure:
 fail``, an interrupt, a bug) still writes ``summary.json``, with ``stop_reason: "error:
@@ -117,6 +120,7 @@ from dplora_ray.outputs import (
     remove_temp_files,
     write_folder_atomic,
 )
+from dplora_ray.privacy.ledger import NoLedger
 from dplora_ray.privacy.mechanisms import ALL_CLIENTS
 from dplora_ray.privacy.plan import PrivacyPlan
 from dplora_ray.privacy.streams import NoiseKey
@@ -125,42 +129,20 @@ from dplora_ray.results import (
     CLIENT_STATUSES,
     EvalResult,
 )
+from dplora_ray.tracking import Tracker
 
-__all__ = [
-    "ACCEPTED_STATUSES",
-    "CHECKPOINT_FILE",
-    "CLIENT_STATUSES",
-    "PrivacyPlan",
-    "RunPlan",
-    "cohort_mode",
-    "derive_seed",
-    "load_checkpoint",
-    "plan_run",
-    "run_experiment",
-    "sample_cohorts",
-]
+__all__ = ["ACCEPTED_STATUSES", "CHECKPOINT_FILE", "CLIENT_STATUSES", "PrivacyPlan", "RunPlan",
+           "cohort_mode", "derive_seed", "load_checkpoint", "plan_run", "run_experiment",
+           "sample_cohorts"]
 
 UNIT_ALL_CLIENTS = ALL_CLIENTS
-
-
-class _NoLedger:
-    """Stands in for the privacy ledger when the mode is not private."""
-
-    def append(self, entry: Any) -> None:
-        raise AssertionError("nothing is charged without privacy")
-
-    def epsilons(self) -> dict[str, float]:
-        return {}
-
-    def save(self, path: Path) -> None:
-        R.write_json_atomic({"mode": "none", "unit_of_privacy": None, "entries": [],
-                             "protects": "nothing: privacy.mode is 'none'"}, path)
 
 
 # =========================================================================== the run
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, overwrite: bool = False,
                    resume: bool = False, progress: bool = True,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None,
+                   tracker: Tracker | None = None) -> dict[str, Any]:
     """Run one federated experiment and write its results into ``out_dir``.
 
     Args:
@@ -173,6 +155,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, overwrite: boo
             finished run returns its summary.
         progress: show a progress bar.
         log: where messages go (default: stderr).
+        tracker: the run's :class:`~dplora_ray.tracking.Tracker` (default: from
+            ``cfg.tracking``; checked before anything else).
 
     Returns the summary dict (also written as ``summary.json``).
 
@@ -183,6 +167,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, overwrite: boo
     t_start = time.perf_counter()
     out = Path(out_dir)
     say = log or (lambda m: print(m, file=sys.stderr))
+    tracker = tracker or Tracker(cfg, out, say)  # refuses missing packages, bad URIs
     prior: dict[str, Any] | None = None
     kept: dict[str, Any] | None = None  # a finished run's summary, kept as it is
     changed: list[str] = []
@@ -194,7 +179,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, overwrite: boo
                                       audit=cfg.audit.enabled)
             if kept is not None and not missing:
                 say(f"resume: {out} is already finished ({kept['stop_reason']})")
-                return kept
+                return tracker.finish(kept, prior["rounds"])  # logs what trackers miss
             if kept is not None:
                 say(f"resume: {out} is finished but lacks {', '.join(missing)}; "
                     f"rebuilding from {CHECKPOINT_FILE}")
@@ -221,10 +206,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, overwrite: boo
     backend = make_backend(cfg, plan.data)
     try:
         run = _Run(cfg, plan, backend, out, say, progress, t_start)
-        run.kept_summary = kept
+        run.kept_summary, run.tracker = kept, tracker
         run.start(prior, overwrite=overwrite and not resume)
         return run.execute()
     finally:
+        tracker.close()  # an unfinished MLflow run ends FAILED (KILLED on Ctrl-C)
         backend.shutdown()
 
 
@@ -296,7 +282,7 @@ class _Run(RoundsMixin):
             self.ledger: Any = PrivacyLedger(mode=pc.mode, accountant=pc.accountant,
                                              delta=pc.delta, unit_of_privacy=pp.unit)
         else:
-            self.ledger = _NoLedger()
+            self.ledger = NoLedger()
 
         if prior is None:
             self.before = self.evaluate(backend.put(self.initial))
@@ -323,6 +309,7 @@ class _Run(RoundsMixin):
             self.write_results()
         else:  # round 0: the noise key is on disk before anything is released
             self.checkpoint()
+        self.tracker.log_rounds(self.rounds_rows)  # opens; a resumed run: what they miss
         if key is not None and key.reproducible:
             self.say(f"warning: privacy.noise_seed={pc.noise_seed} makes the noise "
                      "reproducible: this run is NOT private against anyone who knows it "
@@ -420,7 +407,7 @@ class _Run(RoundsMixin):
                     self.bar.close()
                 self.finished = True
                 self.checkpoint()
-            return self.finish()
+            return self.tracker.finish(self.finish())  # after all finish writes
         except BaseException as exc:
             try:  # a second Ctrl-C skips this (what is done is in the checkpoint anyway)
                 if self.folder_ready:
@@ -465,9 +452,15 @@ class _Run(RoundsMixin):
             self.audit_summary = audit_after_run(self.cfg, self.out, self.pp, self.say,
                                                  self.rounds_rows)
         self.write_results()
-        if self.kept_summary is not None:  # rebuilt a finished run's missing files
-            return self.kept_summary
-        return self.write_summary(self.stop_reason)
+        # kept_summary: rebuilt a finished run's missing files
+        summary = (self.kept_summary if self.kept_summary is not None
+                   else self.write_summary(self.stop_reason))
+        from dplora_ray.model_card import write_model_card  # issue 21: the privacy card
+
+        write_model_card(self.out / ("model" if self.fed.strategy == "full" else "adapter"),
+                         summary, self.ledger.state_dict() if self.pp.private else None,
+                         self.cfg)
+        return summary
 
     def write_summary(self, stop_reason: str) -> dict[str, Any]:
         pp, pc, fed, rows = self.pp, self.pc, self.fed, self.rounds_rows

@@ -35,6 +35,7 @@ __all__ = [
     "ALL_CLIENTS",
     "LEDGER_FORMAT",
     "LedgerEntry",
+    "NoLedger",
     "PrivacyLedger",
     "protects_sentence",
     "unit_of_privacy_for",
@@ -244,3 +245,20 @@ class PrivacyLedger:
             raise PrivacyError(
                 f"privacy ledger {str(p)!r} cannot be read ({first})") from None
         return cls.from_dict(raw)
+
+
+class NoLedger:
+    """Stands in for the privacy ledger when ``privacy.mode`` is ``none``: nothing is
+    charged, and ``ledger.json`` says that nothing is protected."""
+
+    def append(self, entry: Any) -> None:
+        raise AssertionError("nothing is charged without privacy")
+
+    def epsilons(self) -> dict[str, float]:
+        return {}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        from dplora_ray.fileio import write_json_atomic
+
+        write_json_atomic({"mode": "none", "unit_of_privacy": None, "entries": [],
+                           "protects": "nothing: privacy.mode is 'none'"}, path)

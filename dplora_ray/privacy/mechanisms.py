@@ -58,8 +58,9 @@ __all__ = [
 #: The ledger unit of client-level DP-FedAvg: one mechanism covers every client.
 ALL_CLIENTS = "all-clients"
 
-_LORA_A = re.compile(r"\.lora_(?:embedding_)?A\.")
-_LORA_B = re.compile(r"\.lora_(?:embedding_)?B\.")
+# a LoRA embedding factor is a bare parameter: its PEFT file key ends in lora_embedding_A
+_LORA_A = re.compile(r"\.lora_(?:embedding_)?A(?:\.|$)")
+_LORA_B = re.compile(r"\.lora_(?:embedding_)?B(?:\.|$)")
 
 
 def client_unit(client_id: int) -> str:
